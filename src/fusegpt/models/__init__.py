@@ -1,0 +1,16 @@
+"""Per-architecture adapters and their registry."""
+
+from . import llama  # noqa: F401  (registers the LLaMA-family adapters)
+from .base import ROLES, BlockContext, DecoderAdapter
+from .registry import adapter_class, check_supported, get_adapter, register_adapter, supported_model_types
+
+__all__ = [
+    "ROLES",
+    "BlockContext",
+    "DecoderAdapter",
+    "adapter_class",
+    "check_supported",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_types",
+]

@@ -1,0 +1,233 @@
+"""The adapter interface every algorithm talks to.
+
+Pruning, fusion, OBS and evaluation code never spell ``model.model.layers`` or
+``self_attn.q_proj``; they ask a :class:`DecoderAdapter`. One adapter class serves one
+family of architectures and is registered for its ``config.model_type`` values in
+:mod:`fusegpt.models.registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Canonical linear-layer roles inside a decoder block, in forward order.
+ATTN_IN_ROLES = ("q_proj", "k_proj", "v_proj")
+ATTN_OUT_ROLE = "o_proj"
+MLP_IN_ROLES = ("gate_proj", "up_proj")
+MLP_OUT_ROLE = "down_proj"
+ROLES = (*ATTN_IN_ROLES, ATTN_OUT_ROLE, *MLP_IN_ROLES, MLP_OUT_ROLE)
+
+
+@dataclass
+class BlockContext:
+    """What a decoder block needs besides its hidden states: rotary tables and masks.
+
+    Built once per sequence shape by :meth:`DecoderAdapter.context` and reused for every
+    block, so running one block is cheap.
+    """
+
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+class DecoderAdapter:
+    """Uniform access to a Hugging Face decoder-only causal LM.
+
+    Subclasses set :attr:`model_types` and override what differs in their family.
+    """
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def decoder(self) -> nn.Module:
+        """The inner decoder module (holds embeddings, layers, final norm)."""
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest sequence the model was configured for, if the config says."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------ roles
+    def linear_roles(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The block's linear layers keyed by role (``q_proj`` … ``down_proj``)."""
+        attn, mlp = block.self_attn, block.mlp
+        return {
+            "q_proj": attn.q_proj,
+            "k_proj": attn.k_proj,
+            "v_proj": attn.v_proj,
+            "o_proj": attn.o_proj,
+            "gate_proj": mlp.gate_proj,
+            "up_proj": mlp.up_proj,
+            "down_proj": mlp.down_proj,
+        }
+
+    def set_linear(self, block: nn.Module, role: str, module: nn.Module) -> None:
+        """Replace the linear layer of ``role`` in ``block`` (used by fusion and width pruning)."""
+        parent = block.self_attn if role in (*ATTN_IN_ROLES, ATTN_OUT_ROLE) else block.mlp
+        setattr(parent, role, module)
+
+    def norm_modules(self, block: nn.Module) -> list[nn.Module]:
+        """Normalisation modules of a block (trainable during group fine-tuning)."""
+        return [block.input_layernorm, block.post_attention_layernorm]
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.config, "head_dim", None)
+        return hd or self.config.hidden_size // self.config.num_attention_heads
+
+    def num_heads(self, block: nn.Module) -> int:
+        """Query heads of this block (may differ per block after width pruning)."""
+        return self.linear_roles(block)["q_proj"].out_features // self.head_dim
+
+    def num_kv_heads(self, block: nn.Module) -> int:
+        return self.linear_roles(block)["k_proj"].out_features // self.head_dim
+
+    def intermediate_size(self, block: nn.Module) -> int:
+        return self.linear_roles(block)["up_proj"].out_features
+
+    def set_attention_geometry(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+        """Tell the attention module its (pruned) head counts, where it keeps them."""
+        attn = block.self_attn
+        if n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"query heads ({n_heads}) must be a positive multiple of K/V heads ({n_kv_heads})")
+        attn.num_key_value_groups = n_heads // n_kv_heads
+        for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+
+    # ------------------------------------------------------------------ running
+    def layer_type(self, index: int) -> str:
+        """``full_attention`` or ``sliding_attention`` for the block at ``index``."""
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return types[index]
+        return "full_attention"
+
+    def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> BlockContext:
+        """Rotary tables and causal masks for full, unpadded sequences shaped like ``hidden``."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        pos_emb = rotary(hidden, position_ids=position_ids) if rotary is not None else None
+        masks: dict[str, torch.Tensor | None] = {}
+        kwargs = dict(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+            position_ids=position_ids,
+        )
+        for kind in {self.layer_type(i) for i in range(self.num_layers)}:
+            fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = fn(**kwargs)
+        return BlockContext(position_ids=position_ids, position_embeddings=pos_emb, masks=masks)
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None = None) -> torch.Tensor:
+        """Run one decoder block. ``index`` picks the mask type; default is the block's own."""
+        kind = getattr(block, "attention_type", None) or (self.layer_type(index) if index is not None else "full_attention")
+        out = block(
+            hidden,
+            attention_mask=ctx.masks.get(kind),
+            position_ids=ctx.position_ids,
+            position_embeddings=ctx.position_embeddings,
+            use_cache=False,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        ctx: BlockContext | None = None,
+        skip: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """Run blocks ``start … end-1`` (skipping ``skip``) on ``hidden``."""
+        end = self.num_layers if end is None else end
+        ctx = ctx or self.context(hidden)
+        for i in range(start, end):
+            if i in skip:
+                continue
+            hidden = self.run_block(self.layers[i], hidden, ctx, i)
+        return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block 0."""
+        return self.embed_tokens(input_ids.to(self.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the output of the last block."""
+        return self.lm_head(self.final_norm(hidden))
+
+    # ------------------------------------------------------------------ editing
+    @property
+    def origin(self) -> list[int]:
+        """Original index (in the unpruned model) of each current block."""
+        origin = getattr(self.model, "_fusegpt_origin", None)
+        return list(origin) if origin is not None else list(range(self.num_layers))
+
+    def keep_layers(self, keep: Sequence[int]) -> None:
+        """Keep only the blocks at ``keep`` (in that order) and fix what the runtime indexes.
+
+        Re-indexes each attention module's ``layer_idx`` (the KV cache is keyed by it), sets
+        ``config.num_hidden_layers`` and trims ``config.layer_types`` where present.
+        """
+        keep = list(keep)
+        if sorted(set(keep)) != keep or not keep or keep[-1] >= self.num_layers:
+            raise ValueError(f"keep must be increasing block indices in [0, {self.num_layers}), got {keep}")
+        origin = self.origin
+        self.model._fusegpt_origin = [origin[i] for i in keep]
+        types = getattr(self.config, "layer_types", None)
+        new_layers = nn.ModuleList([self.layers[i] for i in keep])
+        self.decoder.layers = new_layers
+        for new_idx, block in enumerate(new_layers):
+            attn = block.self_attn
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = new_idx
+            if hasattr(block, "layer_idx"):
+                block.layer_idx = new_idx
+        self.config.num_hidden_layers = len(keep)
+        if types:
+            self.config.layer_types = [types[i] for i in keep]
+        mwl = getattr(self.config, "max_window_layers", None)
+        if isinstance(mwl, int) and mwl > len(keep):
+            self.config.max_window_layers = len(keep)

@@ -1,0 +1,47 @@
+"""Explicit registry of adapters keyed by ``config.model_type`` (filled by a decorator)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .base import DecoderAdapter
+
+_ADAPTERS: dict[str, type[DecoderAdapter]] = {}
+
+
+def register_adapter(cls: type[DecoderAdapter]) -> type[DecoderAdapter]:
+    """Class decorator: register ``cls`` for every name in ``cls.model_types``."""
+    for name in cls.model_types:
+        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
+            raise ValueError(f"model_type {name!r} is already served by {_ADAPTERS[name].__name__}")
+        _ADAPTERS[name] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[DecoderAdapter]:
+    """The adapter class for ``model_type``; a ValueError listing the supported ones otherwise."""
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model type {model_type!r}: fusegpt supports {', '.join(supported_model_types())}"
+        ) from None
+
+
+def check_supported(config) -> None:
+    """Raise the unsupported-architecture error from a config alone (before loading weights)."""
+    adapter_class(getattr(config, "model_type", "?"))
+
+
+def get_adapter(model: nn.Module) -> DecoderAdapter:
+    """Wrap ``model`` in the adapter registered for its ``config.model_type``."""
+    return adapter_class(model.config.model_type)(model)
+
+
+AdapterFactory = Callable[[nn.Module], DecoderAdapter]
