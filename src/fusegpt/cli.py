@@ -17,7 +17,7 @@ from . import api
 from .checkpoint import check_output, save_pruned
 from .config import METHOD_CONFIGS, ConfigError, EvalConfig, config_for
 from .data import DataError, check_source, known_sources
-from .loading import ModelLoadError, load_model, read_config, resolve_model_path
+from .loading import ModelLoadError, is_width_pruned, load_model, read_config, resolve_model_path
 from .utils import count_params
 
 logger = logging.getLogger("fusegpt")
@@ -81,7 +81,7 @@ def build_configs(args) -> list:
 
 def _check_model(spec: str | None) -> str:
     path = resolve_model_path(spec)
-    if Path(path).exists():
+    if Path(path).exists() and not is_width_pruned(path):
         read_config(path)
     return path
 
