@@ -65,7 +65,7 @@ def build_configs(args) -> list:
         raise UsageError(f"give one --sparsity per method: {len(methods)} method(s), {len(sparsities)} value(s)")
     extra = _settings(args.set)
     configs = []
-    for m, s in zip(methods, sparsities):
+    for m, s in zip(methods, sparsities, strict=True):
         if m not in METHOD_CONFIGS:
             raise UsageError(f"unknown method {m!r}; choose from {', '.join(sorted(METHOD_CONFIGS))}")
         kw = dict(sparsity=s, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib)
@@ -94,7 +94,7 @@ def print_table(rows: list[tuple], header: tuple) -> None:
     cells = [tuple(_fmt(c) for c in r) for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for n, r in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
