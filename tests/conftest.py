@@ -22,6 +22,8 @@ def tiny_config(model_type: str = "llama", **overrides):
     """A seeded tiny config of ``model_type`` (llama, mistral, qwen2, qwen3)."""
     from transformers import AutoConfig
 
+    if model_type in EXTRA_FAMILIES:
+        return _extra_config(model_type, **overrides)
     kw = dict(TINY)
     if model_type == "qwen3":
         kw["head_dim"] = 16
@@ -37,6 +39,8 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    if model_type in EXTRA_FAMILIES:
+        return _extra_model(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="sdpa")
     return model.eval()
 
@@ -76,3 +80,101 @@ def toy_tokenizer():
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, 128, (2, 40), generator=g)
+
+
+# ---------------------------------------------------------------- families beyond the LLaMA layout
+# (issue 6) Gemma/Gemma-2, Phi-3, OPT, GPT-2 and LLaVA spell their config keys differently; same
+# sizes as TINY. FAMILIES stays the LLaMA-layout set that the older tests assume.
+EXTRA_FAMILIES = ["gemma", "gemma2", "phi3", "opt", "gpt2", "llava"]
+ALL_FAMILIES = [*FAMILIES, *EXTRA_FAMILIES]
+TINY_IMAGE_TOKEN = 127  # LLaVA's image placeholder id in the tiny vocabulary
+
+
+def _extra_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    base = {k: TINY[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "max_position_embeddings", "tie_word_embeddings")}
+    if model_type == "llava":
+        from transformers import CLIPVisionConfig, LlavaConfig
+
+        text = tiny_config("llama", **overrides.pop("text", {}))
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=30, patch_size=15, projection_dim=32)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=TINY_IMAGE_TOKEN,
+                           projector_hidden_act="gelu", vision_feature_layer=-1, **overrides)
+    if model_type in ("gemma", "gemma2", "phi3"):
+        base.update(intermediate_size=TINY["intermediate_size"], num_key_value_heads=2, rms_norm_eps=1e-6,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "gemma":
+        base.update(head_dim=16)
+    if model_type == "gemma2":
+        base.update(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if model_type == "phi3":
+        base.update(sliding_window=16, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    if model_type == "opt":
+        base.update(ffn_dim=TINY["intermediate_size"], word_embed_proj_dim=TINY["hidden_size"],
+                    pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
+    if model_type == "gpt2":
+        base = dict(vocab_size=TINY["vocab_size"], n_embd=64, n_layer=TINY["num_hidden_layers"], n_head=4, n_inner=96,
+                    n_positions=TINY["max_position_embeddings"], bos_token_id=0, eos_token_id=0,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def _extra_model(model_type: str, **overrides):
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    config = _extra_config(model_type, **overrides)
+    attn = "eager" if model_type == "gemma2" else "sdpa"  # Gemma-2 soft-caps attention logits: no SDPA
+    if model_type == "llava":
+        return LlavaForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def any_family(request) -> str:
+    """Every registered family, including those without the LLaMA module layout."""
+    return request.param
+
+
+def byte_tokenizer():
+    """A real (saveable) HF fast tokenizer: byte-level, no merges, 259 ids; pair with vocab_size=259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for sp in ("<s>", "</s>", "<unk>"):
+        vocab[sp] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A saved tiny llama (vocab 259) with a byte tokenizer, plus a local text file long enough to calibrate."""
+    model = tiny_model("llama", vocab_size=259)
+    tok = byte_tokenizer()
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    text = tmp_path / "text.txt"
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "model", "block", "fusion"]
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist()))
+    return path, text
+
+
+def load_stock(path, model_type: str):
+    """Reload a saved tiny checkpoint with stock transformers only (the class a user would use)."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    attn = "eager" if model_type == "gemma2" else "sdpa"
+    cls = LlavaForConditionalGeneration if model_type == "llava" else AutoModelForCausalLM
+    return cls.from_pretrained(path, attn_implementation=attn).eval()

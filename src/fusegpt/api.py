@@ -66,12 +66,14 @@ def check_plan(model: nn.Module, configs: Sequence[PruneConfig]) -> None:
     """Validate a run against the model before any long work (sources, seqlen, block budget)."""
     adapter = get_adapter(model)
     ctx = adapter.max_context
-    n_layers = adapter.num_layers
+    n_layers = n_start = adapter.num_layers
     for cfg in configs:
         check_source(cfg.calib.source)
         if ctx and cfg.calib.seqlen > ctx:
             raise ValueError(f"seqlen {cfg.calib.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
         n_layers = cfg.plan_layers(n_layers)
+        if hasattr(cfg, "plan_chain"):  # width steps: the steps before must leave room (SlimGPT)
+            cfg.plan_chain(n_start, n_layers)
         if cfg.method not in _RUNNERS:
             raise ValueError(f"method {cfg.method!r} is not available; choose from {', '.join(sorted(_RUNNERS))}")
 
@@ -105,6 +107,9 @@ def compress(
     if eval_config is not None:
         report.perplexity["before"] = evaluate(model, tokenizer, eval_config)
         report.eval_settings = {"seqlen": eval_config.seqlen, "max_tokens": eval_config.max_tokens}
+    # width methods count their sparsity against the decoder as it was when the run started
+    model._fusegpt_run_start = {"decoder_params": sum(p.numel() for p in adapter.layers.parameters()),
+                                "n_layers": adapter.num_layers}
     start = time.perf_counter()
     with PeakMemory(device) as mem:
         for cfg in configs:

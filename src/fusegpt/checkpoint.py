@@ -59,6 +59,9 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        from .prune.width_checkpoint import mark_width_checkpoint  # per-layer widths (SlimGPT)
+
+        mark_width_checkpoint(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:

@@ -71,6 +71,11 @@ def build_configs(args) -> list:
         kw = dict(sparsity=s, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib)
         if getattr(args, "preset", None):
             kw["preset"] = args.preset
+        mfields = METHOD_CONFIGS[m].__dataclass_fields__
+        if "state_dir" in mfields and "state_dir" not in extra and getattr(args, "output", None):
+            kw["state_dir"] = f"{args.output}.state/{m}"  # per-block run state (FuseGPT, MI+FT)
+        if getattr(args, "resume", False) and "resume" in mfields:
+            kw["resume"] = True
         own = {k: v for k, v in extra.items() if k in {f for f in METHOD_CONFIGS[m].__dataclass_fields__}}
         configs.append(config_for(m, **kw, **own))
     unused = set(extra) - {f for c in configs for f in c.__dataclass_fields__}
@@ -116,6 +121,11 @@ def cmd_prune(args) -> int:
     model, report = api.compress(model, tok, configs, model_name=args.model or "embedded:SmolLM2-135M-Instruct",
                                  eval_config=eval_cfg)
     save_pruned(model, tok, out, report, overwrite=args.overwrite)
+    for c in configs:  # the run state is no longer needed once the output is saved
+        if getattr(c, "state_dir", None):
+            import shutil
+
+            shutil.rmtree(c.state_dir, ignore_errors=True)
     rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
     for src in (eval_cfg.data if eval_cfg else ()):
         rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
@@ -127,23 +137,29 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    cfg = EvalConfig(data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size)
-    for src in cfg.data:
+    data = args.data if args.data is not None else ([] if args.tasks else ["wiki", "news"])
+    cfg = EvalConfig(data=data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size) if data else None
+    for src in cfg.data if cfg else ():
         check_source(src)
     path = _check_model(args.model)
     model, tok = load_model(args.model, device=args.device)
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and cfg.seqlen > ctx:
+    if cfg and ctx and cfg.seqlen > ctx:
         raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
-    ppl = api.evaluate(model, tok, cfg)
+    ppl = api.evaluate(model, tok, cfg) if cfg else {}
     result = {"model": args.model or "embedded:SmolLM2-135M-Instruct", "path": path, "ppl": ppl,
               "params": count_params(model), "n_layers": model.config.num_hidden_layers,
-              "seqlen": cfg.seqlen, "max_tokens": cfg.max_tokens}
+              "seqlen": cfg.seqlen if cfg else None, "max_tokens": cfg.max_tokens if cfg else None}
+    rows = [(f"ppl {k}", v) for k, v in ppl.items()]
+    if args.tasks:
+        from .cli_eval import run_zeroshot, zeroshot_rows
+
+        result["zeroshot"] = run_zeroshot(args, model, tok, path)
+        rows += zeroshot_rows(result["zeroshot"])
     if args.json:
         print(json.dumps(result))
     else:
-        print_table([(f"ppl {k}", v) for k, v in ppl.items()] + [("params", result["params"]), ("blocks", result["n_layers"])],
-                    ("", "value"))
+        print_table(rows + [("params", result["params"]), ("blocks", result["n_layers"])], ("", "value"))
     return 0
 
 
@@ -174,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
     p.add_argument("--preset", default=None, help="method preset where the method has them (e.g. fusegpt: paper, cpu)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config setting, repeatable")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fusegpt / mi+ft run from <output>.state/ (same settings)")
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
@@ -182,16 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
     p.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="perplexity of a model (GPTQ protocol)",
-                       description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}.",
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model",
+                       description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}. "
+                                   "Zero-shot accuracy through lm-evaluation-harness with --tasks.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(e)
-    e.add_argument("--data", nargs="+", default=["wiki", "news"], help="evaluation sources")
+    e.add_argument("--data", nargs="+", default=None,
+                   help="perplexity sources (default: wiki news, or none when --tasks is given)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length")
     e.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per source")
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (perplexity); lm-eval batch size")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    from .cli_eval import add_commands, add_zeroshot_args
+
+    add_zeroshot_args(e)
     e.set_defaults(func=cmd_eval)
+    add_commands(sub)  # sweep, bench, report
     return parser
 
 

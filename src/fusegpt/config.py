@@ -166,3 +166,222 @@ def config_for(method: str, **settings: Any) -> PruneConfig:
     except KeyError:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(sorted(METHOD_CONFIGS))}") from None
     return cls().with_overrides(**settings)
+
+
+# ---------------------------------------------------------------- FuseGPT and MI+FT (issue 3)
+# Preset values; an explicit setting (Python field or --set) always wins. ``calib_nsamples`` /
+# ``calib_seqlen`` size the MI ranking set and apply while ``calib`` keeps the generic 32 × 2048.
+GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper / reference code: 32 × 2048 MI calibration, 128 × 2048 fine-tuning, 20 epochs
+    "paper": dict(group_size=8, lora_rank=128, coef_rank=128, epochs=20, batch_size=8, lr_coef=1e-3,
+                  lr_base=9.65e-6, lr=1e-3, loss="kl-batch", ft_nsamples=128, ft_seqlen=2048, max_terms=4,
+                  calib_nsamples=32, calib_seqlen=2048),
+    # chosen by measurement on the embedded SmolLM2-135M, 2 CPU cores (benchmarks/results_fusegpt.md)
+    "cpu": dict(group_size=8, lora_rank=32, coef_rank=32, epochs=4, batch_size=8, lr_coef=1e-3,
+                lr_base=1e-3, lr=1e-3, loss="mse", ft_nsamples=32, ft_seqlen=256, max_terms=4,
+                calib_nsamples=8, calib_seqlen=256),
+}
+_GROUP_LOSSES = ("kl-batch", "mse", "cosine", "mse+cosine", "kl-logits")
+
+
+@dataclass
+class GroupTrainConfig(BlockPruneConfig):
+    """Shared settings of FuseGPT and MI+FT: MI ranking, partial group, knowledge learning.
+
+    Fields left ``None`` take the preset's value (``GROUP_TRAIN_PRESETS``). ``preset=None``
+    means ``paper`` on a CUDA device and ``cpu`` otherwise; the report records the resolved
+    values. ``ft_*``: the fine-tuning set (default: the calibration source, same seed).
+    ``state_dir``/``resume``: per-block state for ``--resume`` after an interruption.
+    ``amp_dtype``: ``auto`` (the model's dtype, autocast on CUDA), ``bf16``, ``fp16``, ``fp32``.
+    """
+
+    preset: str | None = None
+    group_size: int | None = None
+    lora_rank: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    loss: str | None = None
+    ft_nsamples: int | None = None
+    ft_seqlen: int | None = None
+    ft_source: str | None = None
+    mi_batch_size: int = 1
+    train_norms: bool = True
+    max_retries: int = 2
+    retry_lr_factor: float = 0.1
+    amp_dtype: str = "auto"
+    state_dir: str | None = None
+    resume: bool = False
+
+    _own_keys: ClassVar[tuple[str, ...]] = ("group_size", "lora_rank", "epochs", "batch_size", "loss",
+                                            "ft_nsamples", "ft_seqlen")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.preset is None or self.preset in GROUP_TRAIN_PRESETS,
+               f"unknown preset {self.preset!r}; choose from {', '.join(GROUP_TRAIN_PRESETS)}")
+        for name in ("group_size", "epochs", "batch_size", "ft_nsamples", "ft_seqlen"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v >= 1), f"{name} must be an integer >= 1, got {v!r}")
+        _check(self.ft_seqlen is None or self.ft_seqlen >= 2, "ft_seqlen must be >= 2")
+        _check(self.lora_rank is None or self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        _check(self.loss is None or self.loss in _GROUP_LOSSES,
+               f"unknown loss {self.loss!r}; choose from {', '.join(_GROUP_LOSSES)}")
+        _check(self.mi_batch_size >= 1, "mi_batch_size must be >= 1")
+        _check(self.max_retries >= 0, "max_retries must be >= 0")
+        _check(0 < self.retry_lr_factor < 1, "retry_lr_factor must be in (0, 1), e.g. 0.1")
+        _check(self.amp_dtype in ("auto", "bf16", "fp16", "fp32"), "amp_dtype must be auto, bf16, fp16 or fp32")
+
+    def preset_name(self, device_type: str = "cpu") -> str:
+        return self.preset or ("paper" if device_type == "cuda" else "cpu")
+
+    def resolved(self, device_type: str = "cpu") -> dict[str, Any]:
+        """Every training setting, with ``None`` fields filled from the preset."""
+        name = self.preset_name(device_type)
+        p = GROUP_TRAIN_PRESETS[name]
+        out: dict[str, Any] = {"preset": name}
+        for k in self._own_keys:
+            v = getattr(self, k)
+            out[k] = p[k] if v is None else v
+        out["ft_source"] = self.ft_source or self.calib.source
+        d = CalibrationConfig()
+        out["calib"] = replace(
+            self.calib,
+            nsamples=p["calib_nsamples"] if self.calib.nsamples == d.nsamples else self.calib.nsamples,
+            seqlen=p["calib_seqlen"] if self.calib.seqlen == d.seqlen else self.calib.seqlen,
+        )
+        return out
+
+
+@register_method_config
+@dataclass
+class FuseGPTConfig(GroupTrainConfig):
+    """FuseGPT: MI ranking, fusion of the removed block into its partial group, knowledge learning.
+
+    ``coef_rank``: rank of the fusion coefficients C·D; ``lora_rank``: LoRA on own weights;
+    ``lr_coef``/``lr_base``: learning rates of the coefficients and of LoRA + norms (paper
+    1e-3 / 9.65e-6); ``max_terms``: fused terms kept trainable per layer before older ones
+    are merged into the frozen weight (memory; 0 = never merge).
+    """
+
+    method: ClassVar[str] = "fusegpt"
+    coef_rank: int | None = None
+    lr_coef: float | None = None
+    lr_base: float | None = None
+    max_terms: int | None = None
+
+    _own_keys: ClassVar[tuple[str, ...]] = (*GroupTrainConfig._own_keys, "coef_rank", "lr_coef", "lr_base",
+                                            "max_terms")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.coef_rank is None or self.coef_rank >= 1, f"coef_rank must be >= 1, got {self.coef_rank}")
+        for name in ("lr_coef", "lr_base"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, (int, float)) and v >= 0), f"{name} must be >= 0, got {v!r}")
+        _check(self.max_terms is None or self.max_terms >= 0, "max_terms must be >= 0 (0 = never merge)")
+
+
+@register_method_config
+@dataclass
+class MIFTConfig(GroupTrainConfig):
+    """MI + FT (the paper's ablation): MI ranking, drop, then train the same group with the same
+    loss, LoRA and norms only (no fusion), at its own learning rate ``lr`` (default 1e-3, tuned
+    on the embedded model; at the paper's 9.65e-6 plain fine-tuning barely moves).
+    """
+
+    method: ClassVar[str] = "mi+ft"
+    lr: float | None = None
+
+    _own_keys: ClassVar[tuple[str, ...]] = (*GroupTrainConfig._own_keys, "lr")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr >= 0), f"lr must be >= 0, got {self.lr!r}")
+
+
+# ---------------------------------------------------------------- SlimGPT width pruning (issue 4)
+WIDTH_SCHEDULES = ("log_increase", "uniform", "linear_increase", "log_decrease", "linear_decrease")
+HEAD_RULES = ("auto", "equal_per_group", "kv_groups")
+
+
+@register_method_config
+@dataclass
+class SlimGPTConfig(PruneConfig):
+    """SlimGPT: layer-wise OBS width pruning of attention heads and FFN channels (ALGORITHMS.md §3).
+
+    ``sparsity``: fraction of *decoder-block parameters* removed, counted against the decoder as
+    it was when the run (``compress`` call / CLI chain) started, so in ``mi+slimgpt`` with
+    ``0.125,0.2`` the width step brings the total to 20% (the depth step must leave room).
+    Embeddings, final norm and LM head are not counted and never pruned.
+
+    ``schedule``: per-layer ratio r_l = min_ratio + (r_max − min_ratio)·f(l) with f the shape
+    (``log_increase``: ln(1+l)/ln(L), L the model's current block count); r_max is solved so the
+    parameter target is met exactly on the discrete widths; each layer's ratio is capped at
+    ``max_layer_ratio``. ``head_rule`` (GQA): ``equal_per_group`` removes the same number of
+    query heads from every K/V group and keeps all K/V heads; ``kv_groups`` removes whole K/V
+    groups (their query heads and K/V head); ``auto`` = ``equal_per_group`` for GQA, ``kv_groups``
+    for MHA. ``percdamp``: Hessian dampening λ·mean(diag H). ``gcd``/``dgs``: grouped Cholesky
+    for heads and Dynamic Group Size for FFN channels (False = the paper's −GCD / −DGS
+    ablations; without DGS groups have ``ffn_group_max`` channels). ``batch_size``: calibration
+    windows per block forward.
+
+    Defaults follow the paper: 256 × 2048 tokens of C4-like text (``news`` here). On CPU use
+    e.g. ``--nsamples 32 --seqlen 512`` (about 1–3 minutes for the embedded SmolLM2-135M).
+    """
+
+    method: ClassVar[str] = "slimgpt"
+    calib: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(source="news", nsamples=256,
+                                                                               seqlen=2048))
+    schedule: str = "log_increase"
+    min_ratio: float = 0.0
+    max_layer_ratio: float = 0.9
+    head_rule: str = "auto"
+    percdamp: float = 0.01
+    gcd: bool = True
+    dgs: bool = True
+    ffn_group_min: int = 64
+    ffn_group_max: int = 1024
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.schedule in WIDTH_SCHEDULES,
+               f"unknown schedule {self.schedule!r}; choose from {', '.join(WIDTH_SCHEDULES)}")
+        _check(self.head_rule in HEAD_RULES, f"unknown head_rule {self.head_rule!r}; choose from {', '.join(HEAD_RULES)}")
+        _check(0.0 < self.max_layer_ratio < 1.0, f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+        _check(0.0 <= self.min_ratio <= self.sparsity,
+               f"min_ratio must be in [0, sparsity={self.sparsity}], got {self.min_ratio}")
+        _check(self.sparsity <= self.max_layer_ratio,
+               f"sparsity {self.sparsity} exceeds max_layer_ratio {self.max_layer_ratio}; raise max_layer_ratio "
+               "(--set max_layer_ratio=0.95) or lower the sparsity")
+        _check(isinstance(self.percdamp, (int, float)) and self.percdamp >= 0,
+               f"percdamp must be >= 0 (e.g. 0.01), got {self.percdamp!r}")
+        _check(isinstance(self.gcd, bool) and isinstance(self.dgs, bool), "gcd and dgs must be True or False")
+        _check(1 <= self.ffn_group_min <= self.ffn_group_max,
+               f"need 1 <= ffn_group_min ({self.ffn_group_min}) <= ffn_group_max ({self.ffn_group_max})")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    def plan_chain(self, n_layers_start: int, n_layers_now: int) -> None:
+        """Check against the depth steps before this one: they must leave room for the target.
+
+        Uses the block counts (blocks of an unpruned model have equal size); the exact parameter
+        check runs again on the model before calibration.
+        """
+        done = 1.0 - n_layers_now / n_layers_start
+        _check(done < self.sparsity,
+               f"the steps before {self.method} already remove {done:.1%} of the decoder, at least its total target "
+               f"{self.sparsity:.1%} (a width step's sparsity counts against the decoder at the start of the run); "
+               f"raise {self.method}'s sparsity")
+
+
+@register_method_config
+@dataclass
+class MagnitudeWidthConfig(SlimGPTConfig):
+    """Width-pruning baseline: drop the heads / FFN channels of least weight norm, no OBS update.
+
+    Same budget, schedule and GQA rule as SlimGPT; needs no calibration data. Scores: squared
+    L2 norm of every weight tied to the unit (q rows + o columns (+ k/v rows for whole K/V
+    groups); gate/up rows + down columns).
+    """
+
+    method: ClassVar[str] = "magnitude"

