@@ -178,3 +178,34 @@ def load_stock(path, model_type: str):
     attn = "eager" if model_type == "gemma2" else "sdpa"
     cls = LlavaForConditionalGeneration if model_type == "llava" else AutoModelForCausalLM
     return cls.from_pretrained(path, attn_implementation=attn).eval()
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: tiny models on a busy 2-core machine run ~50× faster than with
+    two spinning OpenMP threads (measured in tests/test_speed.py: 61 s → 1.3 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- a real (tiny) tokenizer
+BPE_TEXT = ("Pruning removes whole blocks of a language model; fusion folds what they knew into their neighbours. "
+            "The year 2024 had 366 days, and 12345 + 678 = 13023.\nNew lines, tabs\tand emoji 🙂 survive. ") * 4
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on a few lines (300 ids, three special tokens), saveable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([BPE_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")

@@ -10,6 +10,7 @@ import argparse
 import ast
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ EPILOG = """examples:
   fusegpt prune --method mi --sparsity 0.25 --output runs/mi25      # embedded SmolLM2, wiki calibration
   fusegpt prune --model meta-llama/Llama-2-7b-hf --method sleb --sparsity 0.2 --calib wikitext2 --output out
   fusegpt eval --model runs/mi25 --data wiki news --max-tokens 32768 --json
+  fusegpt eval --model runs/mi25 --tasks proxies --limit 100        # offline zero-shot proxies (lm-eval)
+  fusegpt sweep --methods shortgpt,sleb,mi --sparsity 0.125,0.25 --output runs/sweep
+  fusegpt bench --model embedded --model runs/mi25                  # latency, tokens/s, memory
+  fusegpt report runs/mi25                                          # report.md with PNG plots
 data sources: wiki, news (embedded), wikitext2, c4, ptb (hub), or a .txt / .jsonl file"""
 
 
@@ -111,6 +116,8 @@ def cmd_prune(args) -> int:
     for src in eval_cfg.data if eval_cfg else ():
         check_source(src)
     _check_model(args.model)
+    if getattr(args, "max_memory", None):
+        _check_memory(args, configs, eval_cfg)
     model, tok = load_model(args.model, device=args.device)
     api._load_method_plugins()
     api.check_plan(model, configs)
@@ -121,18 +128,56 @@ def cmd_prune(args) -> int:
     model, report = api.compress(model, tok, configs, model_name=args.model or "embedded:SmolLM2-135M-Instruct",
                                  eval_config=eval_cfg)
     save_pruned(model, tok, out, report, overwrite=args.overwrite)
-    for c in configs:  # the run state is no longer needed once the output is saved
-        if getattr(c, "state_dir", None):
-            import shutil
-
-            shutil.rmtree(c.state_dir, ignore_errors=True)
+    _clear_run_state(configs, out)
     rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
     for src in (eval_cfg.data if eval_cfg else ()):
         rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
     print(f"{report.to_dict()['method']}: removed blocks {report.removed} (original indices, removal order); "
           f"{report.wall_time_s:.0f}s, peak {report.peak_memory_mb:.0f} MB")
     print_table(rows, ("", "before", "after"))
+    for st in report.steps:  # width steps (SlimGPT, magnitude): what the decoder lost
+        if "sparsity_achieved" in st.details:
+            dp = st.details["decoder_params"]
+            print(f"{st.method}: decoder parameters {dp['before']:,} -> {dp['after']:,} "
+                  f"({st.details['sparsity_achieved']:.1%} below the start); per-layer widths in report.json")
     print(f"saved to {out}")
+    return 0
+
+
+def _clear_run_state(configs, out: Path) -> None:
+    """Remove the per-block resume state (FuseGPT, MI+FT) once the output is saved."""
+    for c in configs:
+        if getattr(c, "state_dir", None):
+            shutil.rmtree(c.state_dir, ignore_errors=True)
+    parent = Path(f"{out}.state")
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def _check_memory(args, configs, eval_cfg) -> None:
+    """Refuse up front when the estimated peak memory exceeds ``--max-memory``."""
+    from transformers import AutoConfig
+
+    from .memory import check_budget, estimate_for_run, parse_size
+
+    path = resolve_model_path(args.model)
+    if is_width_pruned(path):
+        logger.warning("--max-memory: no estimate for width-pruned inputs; not checked")
+        return
+    estimate = estimate_for_run(AutoConfig.from_pretrained(path), configs, args.device, eval_cfg)
+    try:
+        check_budget(estimate, parse_size(args.max_memory))
+    except MemoryError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf
+
+    _check_model(args.model)
+    model, tok = load_model(args.model, device="cpu", dtype=None)
+    out = export_gguf(model, tok, args.gguf, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({model.config.num_hidden_layers} blocks, {args.dtype})")
     return 0
 
 
@@ -148,7 +193,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
     ppl = api.evaluate(model, tok, cfg) if cfg else {}
     result = {"model": args.model or "embedded:SmolLM2-135M-Instruct", "path": path, "ppl": ppl,
-              "params": count_params(model), "n_layers": model.config.num_hidden_layers,
+              "params": count_params(model), "n_layers": model.config.get_text_config().num_hidden_layers,
               "seqlen": cfg.seqlen if cfg else None, "max_tokens": cfg.max_tokens if cfg else None}
     rows = [(f"ppl {k}", v) for k, v in ppl.items()]
     if args.tasks:
@@ -198,7 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse up front when the estimated peak memory exceeds SIZE (e.g. 24GB, 512MiB)")
     p.set_defaults(func=cmd_prune)
+
+    x = sub.add_parser("export", help="write a (block-pruned / fused) LLaMA-family checkpoint as GGUF",
+                       description="Export to GGUF (architecture llama) for llama.cpp-based runtimes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    x.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="type of the 2-D weights (norms stay f32)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model",
                        description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}. "

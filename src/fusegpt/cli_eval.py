@@ -104,6 +104,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--tasks", default=None, help="also zero-shot tasks per cell (see fusegpt eval --tasks)")
     s.add_argument("--limit", type=float, default=None, help="zero-shot examples per task")
     s.add_argument("--num-fewshot", type=int, default=None)
+    s.add_argument("--include-path", action="append", default=None, metavar="DIR", help="local lm-eval task YAMLs")
     s.add_argument("--no-checkpoints", action="store_true", help="keep only each cell's report.json, not its weights")
     s.add_argument("--no-plots", action="store_true", help="skip rendering the sweep's plots (needs matplotlib)")
     s.set_defaults(func=cmd_sweep)
@@ -127,7 +128,7 @@ def cmd_sweep(args) -> int:
     ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
     for src in ev.data:
         check_source(src)
-    zkw = {"limit": _limit(args.limit), "num_fewshot": args.num_fewshot}
+    zkw = {"limit": _limit(args.limit), "num_fewshot": args.num_fewshot, "include_path": args.include_path}
     table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
                       tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
                       device=args.device)

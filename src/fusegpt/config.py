@@ -176,7 +176,10 @@ GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(group_size=8, lora_rank=128, coef_rank=128, epochs=20, batch_size=8, lr_coef=1e-3,
                   lr_base=9.65e-6, lr=1e-3, loss="kl-batch", ft_nsamples=128, ft_seqlen=2048, max_terms=4,
                   calib_nsamples=32, calib_seqlen=2048),
-    # chosen by measurement on the embedded SmolLM2-135M, 2 CPU cores (benchmarks/results_fusegpt.md)
+    # embedded SmolLM2-135M on 2 CPU cores: sized from measured step times (7 blocks fwd+bwd on 8×256
+    # tokens ≈ 2.2 s, one MI ranking on 8×256 ≈ 45 s) to remove 8 of 30 blocks in ~15 min; loss and
+    # learning rates from the measurements in ALGORITHMS.md §2 (MSE beat the batch-softmax KL, LoRA
+    # needs ~1e-3); results in benchmarks/results_fusegpt.md
     "cpu": dict(group_size=8, lora_rank=32, coef_rank=32, epochs=4, batch_size=8, lr_coef=1e-3,
                 lr_base=1e-3, lr=1e-3, loss="mse", ft_nsamples=32, ft_seqlen=256, max_terms=4,
                 calib_nsamples=8, calib_seqlen=256),
@@ -326,7 +329,8 @@ class SlimGPTConfig(PruneConfig):
     windows per block forward.
 
     Defaults follow the paper: 256 × 2048 tokens of C4-like text (``news`` here). On CPU use
-    e.g. ``--nsamples 32 --seqlen 512`` (about 1–3 minutes for the embedded SmolLM2-135M).
+    e.g. ``--nsamples 16 --seqlen 128`` (52 s for the embedded SmolLM2-135M on one core,
+    benchmarks/results_slimgpt.md) or ``--nsamples 32 --seqlen 512`` (about 8× the forward work).
     """
 
     method: ClassVar[str] = "slimgpt"

@@ -71,6 +71,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise
 
 
+def _is_embedded(p: Path) -> bool:
+    try:
+        return p.resolve() == embedded_gguf_path().resolve()
+    except (OSError, ModelLoadError):
+        return False
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Turn a ``--model`` value into something ``from_pretrained`` takes.
 
@@ -78,17 +85,14 @@ def resolve_model_path(spec: str | None) -> str:
     converted cache; a local folder → itself (must hold ``config.json``); anything else that
     looks like ``owner/name`` → a hub id. A path that does not exist is an error here.
     """
-    if spec is None:
-        gguf = embedded_gguf_path()
-        out = cache_dir() / EMBEDDED_NAME
-        if not (out / "config.json").is_file():
-            _convert_gguf(gguf, out)
-        return str(out)
-    p = Path(spec).expanduser()
+    p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelLoadError(f"model file {spec} does not exist")
-        out = cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
+        if spec is None or _is_embedded(p):
+            out = cache_dir() / EMBEDDED_NAME
+        else:
+            out = cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
         if not (out / "config.json").is_file():
             _convert_gguf(p, out)
         return str(out)
@@ -135,9 +139,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
         from .checkpoint import load_pruned
 
         return load_pruned(path, dtype=dtype, device=device)
-    read_config(path)
+    config = read_config(path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    auto = AutoModelForCausalLM
+    if config.model_type == "llava":  # not an AutoModelForCausalLM type; prune its language tower
+        from transformers import AutoModelForImageTextToText as auto
+    attn = "eager" if config.model_type == "gemma2" else "sdpa"  # Gemma-2 soft-caps attention logits: no SDPA
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     return model, tokenizer

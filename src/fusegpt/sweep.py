@@ -11,7 +11,9 @@ Layout of the output folder::
 A cell whose ``report.json`` exists is finished and skipped, so an interrupted sweep resumes
 by running the same command again. Every cell starts from a deep copy of the one dense model
 loaded at the start; the calibration windows are tokenized once (the token cache is keyed by
-the tokenizer) and shared by all cells.
+the tokenizer) and shared by all cells. SLEB and MI are greedy and deterministic (one block per
+iteration), so a larger sparsity continues from the same method's smaller one instead of
+repeating its iterations (recorded as ``extra.sweep.continued_from``; wall time includes both).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import METHOD_CONFIGS, ConfigError, EvalConfig, PruneConfig, config_for
+from .config import METHOD_CONFIGS, ConfigError, EvalConfig, PruneConfig, blocks_to_remove, config_for
+from .models import get_adapter
 
 logger = logging.getLogger(__name__)
 
 CALIB_KEYS = ("nsamples", "seqlen", "seed", "calib_source")
+CONTINUABLE = ("sleb", "mi")  # greedy one-block-per-iteration methods without randomness
 
 
 def cell_name(method: str, sparsity: float) -> str:
@@ -55,6 +59,52 @@ def sweep_configs(methods: Sequence[str], sparsities: Sequence[float], settings:
         for s in sparsities:
             out[(m, float(s))] = config_for(m, sparsity=float(s), **kw)
     return out
+
+
+def _continuation(prev: tuple[Any, dict[str, Any]] | None, cfg: PruneConfig, n_dense: int, load_model, device: str,
+                  ) -> tuple[Any, dict[str, Any]] | None:
+    """The model and report of the same method's smaller-sparsity cell, when ``cfg`` can continue it.
+
+    SLEB and MI remove one block per iteration, greedily and without randomness, so the first
+    k₁ removals of a k₂-block run are exactly the k₁-block run: the larger cell continues from
+    the smaller one (same config apart from the sparsity, same calibration windows).
+    """
+    if prev is None:
+        return None
+    model, rep = prev
+    old = dict(rep["steps"][0]["config"]) if len(rep.get("steps", [])) == 1 else None
+    new = cfg.to_dict()
+    if old is None or {k: v for k, v in old.items() if k != "sparsity"} != {k: v for k, v in new.items() if k != "sparsity"}:
+        return None
+    if len(rep["removed"]) >= blocks_to_remove(n_dense, cfg.sparsity):
+        return None
+    if model is None:  # finished in an earlier invocation: reload its checkpoint
+        model, _ = load_model(str(rep["path"]), device=device)
+        model._fusegpt_origin = [i for i in range(n_dense) if i not in set(rep["removed"])]
+        rep = {k: v for k, v in rep.items() if k != "path"}
+    return model, rep
+
+
+def _merge(prev: dict[str, Any], report, cfg: PruneConfig):
+    """One report for the whole run: the earlier cell's iterations, then this run's."""
+    from .report import Report, StepReport
+
+    step = report.steps[0]
+    p = prev["steps"][0]
+    iters = [dict(it) for it in p["iterations"]] + [dict(it) for it in step.iterations]
+    for i, it in enumerate(iters):
+        it["iteration"] = i
+    merged = StepReport(method=step.method, config=cfg.to_dict(), removed=list(p["removed"]) + list(step.removed),
+                        iterations=iters, details={**p.get("details", {}), **step.details},
+                        wall_time_s=p["wall_time_s"] + step.wall_time_s,
+                        peak_memory_mb=max(x for x in (p.get("peak_memory_mb"), step.peak_memory_mb) if x is not None)
+                        if (p.get("peak_memory_mb") or step.peak_memory_mb) else None)
+    return Report(model=report.model, seed=report.seed, steps=[merged], layers_before=prev["layers_before"],
+                  layers_after=report.layers_after, params_before=prev["params_before"],
+                  params_after=report.params_after, wall_time_s=prev["wall_time_s"] + report.wall_time_s,
+                  peak_memory_mb=merged.peak_memory_mb, device=report.device, versions=report.versions,
+                  extra={"sweep": {"continued_from": prev["extra"]["sweep"]["cell"],
+                                   "note": "the first iterations are the continued cell's; wall time includes them"}})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -114,34 +164,51 @@ def run_sweep(
                  "layers": model.config.num_hidden_layers, "zeroshot": zs(model)}
         _write_json(dense_path, dense)
 
-    for (m, s), cfg in configs.items():
-        cell = out / cell_name(m, s)
-        if (cell / "report.json").is_file():
-            logger.info("%s: finished earlier, skipped", cell.name)
-            continue
-        if "state_dir" in type(cfg).__dataclass_fields__:  # per-block state of FuseGPT / MI+FT
-            state = Path(f"{cell}.state")
-            cfg = cfg.with_overrides(state_dir=str(state), resume=state.is_dir() and any(state.iterdir()))
-        logger.info("%s: pruning", cell.name)
-        pruned = copy.deepcopy(model)
-        pruned, report = api.compress(pruned, tok, cfg, model_name=dense["model"])
-        report.perplexity["before"] = dict(dense["perplexity"])
-        t0 = time.perf_counter()
-        report.perplexity["after"] = api.evaluate(pruned, tok, eval_config)
-        report.eval_settings = eval_settings
-        report.extra["sweep"] = {"cell": cell.name, "eval_time_s": round(time.perf_counter() - t0, 1)}
-        z = zs(pruned)
-        if z is not None:
-            report.extra["zeroshot"] = z
-        if save_checkpoints:
-            save_pruned(pruned, tok, cell, report, overwrite=True)
-        else:
-            atomic_write_dir(cell, lambda tmp, r=report: r.save(tmp / "report.json"), overwrite=True)
-        if getattr(cfg, "state_dir", None):
-            import shutil
+    last: dict[str, tuple[Any, dict[str, Any]]] = {}  # method -> (pruned model, report dict) of its last cell
+    for m in methods:
+        for s in sorted(float(x) for x in sparsities):
+            cfg = configs[(m, s)]
+            cell = out / cell_name(m, s)
+            if (cell / "report.json").is_file():
+                logger.info("%s: finished earlier, skipped", cell.name)
+                last.pop(m, None)
+                if m in CONTINUABLE and (cell / "config.json").is_file():
+                    last[m] = (None, {"path": cell, **_read_json(cell / "report.json")})
+                continue
+            if "state_dir" in type(cfg).__dataclass_fields__:  # per-block state of FuseGPT / MI+FT
+                state = Path(f"{cell}.state")
+                cfg = cfg.with_overrides(state_dir=str(state), resume=state.is_dir() and any(state.iterdir()))
+            prev = _continuation(last.get(m), cfg, dense["layers"], load_model, device)
+            if prev is not None:
+                base_model, prev_rep = prev
+                pruned = copy.deepcopy(base_model)
+                step_cfg = cfg.with_overrides(sparsity=(blocks_to_remove(dense["layers"], s) - len(prev_rep["removed"]))
+                                              / get_adapter(pruned).num_layers - 1e-12)
+                logger.info("%s: continuing %s's greedy removal (%d blocks done)", cell.name,
+                            prev_rep["extra"]["sweep"]["cell"], len(prev_rep["removed"]))
+                pruned, report = api.compress(pruned, tok, step_cfg, model_name=dense["model"])
+                report = _merge(prev_rep, report, cfg)
+            else:
+                logger.info("%s: pruning", cell.name)
+                pruned = copy.deepcopy(model)
+                pruned, report = api.compress(pruned, tok, cfg, model_name=dense["model"])
+            report.perplexity["before"] = dict(dense["perplexity"])
+            t0 = time.perf_counter()
+            report.perplexity["after"] = api.evaluate(pruned, tok, eval_config)
+            report.eval_settings = eval_settings
+            report.extra.setdefault("sweep", {}).update(cell=cell.name, eval_time_s=round(time.perf_counter() - t0, 1))
+            z = zs(pruned)
+            if z is not None:
+                report.extra["zeroshot"] = z
+            if save_checkpoints:
+                save_pruned(pruned, tok, cell, report, overwrite=True)
+            else:
+                atomic_write_dir(cell, lambda tmp, r=report: r.save(tmp / "report.json"), overwrite=True)
+            if getattr(cfg, "state_dir", None):
+                import shutil
 
-            shutil.rmtree(cfg.state_dir, ignore_errors=True)
-        del pruned
+                shutil.rmtree(cfg.state_dir, ignore_errors=True)
+            last[m] = (pruned, report.to_dict()) if m in CONTINUABLE else None
     table = collect(out, methods, sparsities)
     _write_json(out / "sweep.json", table)
     (out / "sweep.md").write_text(to_markdown(table))
@@ -191,7 +258,10 @@ def collect(out: str | Path, methods: Sequence[str] | None = None, sparsities: S
 def _zs_brief(z: dict[str, Any] | None) -> dict[str, Any] | None:
     if not z:
         return None
-    return {t: {k: r.get(k) for k in ("acc", "acc_norm") if r.get(k) is not None} for t, r in z["tasks"].items()}
+    # a sweep stores zeroshot()'s result ({"tasks": ...}); `fusegpt eval --tasks` merges a flat task map
+    tasks = z["tasks"] if isinstance(z.get("tasks"), dict) else z
+    return {t: {k: r.get(k) for k in ("acc", "acc_norm") if r.get(k) is not None} for t, r in tasks.items()
+            if isinstance(r, dict)}
 
 
 def _versions() -> dict[str, str]:
@@ -219,12 +289,17 @@ def to_markdown(table: dict[str, Any]) -> str:
     for m in table["methods"]:
         cells = [_f(by[(m, s)]["perplexity"].get(d)) if (m, s) in by else "–" for s in sps for d in data]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "| cell | layers | params | removed (removal order) | prune time s | peak MB |",
-              "|---|---|---|---|---|---|"]
-    lines.append(f"| dense | {dense.get('layers')} | {dense.get('params') or 0:,} | – | – | – |")
+    lines += ["", "| cell | layers | params | removed (original index, removal order) | calibration | prune time s "
+                  "| peak MB |", "|---|---|---|---|---|---|---|"]
+    lines.append(f"| dense | {dense.get('layers')} | {dense.get('params') or 0:,} | – | – | – | – |")
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['layers']} | {r['params']:,} | {r['removed']} | {r['wall_time_s']:.0f} | "
-                     f"{_f(r['peak_memory_mb'], 0)} |")
+        c = r.get("calib") or {}
+        calib = f"{Path(str(c.get('source'))).name} {c.get('nsamples')}×{c.get('seqlen')}" if c else "–"
+        lines.append(f"| {r['cell']} | {r['layers']} | {r['params']:,} | {r['removed']} | {calib} | "
+                     f"{r['wall_time_s']:.0f} | {_f(r['peak_memory_mb'], 0)} |")
+    lines += ["", "Prune time excludes evaluation (for a continued SLEB/MI cell it includes the smaller cell's "
+              "iterations). Peak MB: CUDA allocator peak on GPU; process RSS on CPU, which includes the dense "
+              "model the sweep keeps for the other cells."]
     zs_tasks = sorted({t for r in [dense, *rows] for t in (r.get("zeroshot") or {})})
     if zs_tasks:
         lines += ["", "Zero-shot accuracy (acc / acc_norm; *_proxy = offline proxy, not the published benchmark)", "",
@@ -234,8 +309,5 @@ def to_markdown(table: dict[str, Any]) -> str:
             cells = [" / ".join(_f(z.get(t, {}).get(k), 3) for k in ("acc", "acc_norm") if k in z.get(t, {})) or "–"
                      for t in zs_tasks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    calib = next((r["calib"] for r in rows if r.get("calib")), None)
-    if calib:
-        lines += ["", f"Calibration: {json.dumps(calib)} (per method; see each cell's report.json for all settings)."]
     return "\n".join(lines) + "\n"
 

@@ -82,14 +82,9 @@ def token_stream(tokenizer, source: str, split: str, joiner: str = "\n\n") -> to
         text = joiner.join(docs)
         if not text.strip():
             raise DataError(f"data source {source} ({split}) holds no text")
-        ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0] if _accepts_verbose(tokenizer) \
-            else tokenizer(text, return_tensors="pt")["input_ids"][0]
+        ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
         _TOKEN_CACHE[key] = ids.long()
     return _TOKEN_CACHE[key]
-
-
-def _accepts_verbose(tokenizer) -> bool:
-    return hasattr(tokenizer, "is_fast")
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, split: str = "train") -> torch.Tensor:

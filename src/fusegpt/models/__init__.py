@@ -1,7 +1,6 @@
 """Per-architecture adapters and their registry."""
 
-from . import llama  # noqa: F401  (registers the LLaMA-family adapters)
-from . import gemma, gpt2, llava, opt, phi3  # noqa: F401  (register the other families)
+from . import gemma, gpt2, llama, llava, opt, phi3  # noqa: F401  (each module registers its adapters)
 from .base import ROLES, BlockContext, DecoderAdapter
 from .registry import adapter_class, check_supported, get_adapter, register_adapter, supported_model_types
 

@@ -1,0 +1,166 @@
+"""FuseGPT against the block-pruning baselines on the embedded model (the paper's Table II/IV, here).
+
+For each ``--sparsity``: dense, ShortGPT, SLEB, MI, MI+FT and FuseGPT on SmolLM2-135M-Instruct
+(30 blocks), one seed, the same seeded calibration windows for every ranking (the ``--preset``'s
+MI set, ``wiki`` train), FuseGPT and MI+FT on the preset's fine-tuning windows. Reports perplexity
+on the ``wiki`` test split and on ``news`` (GPTQ protocol, ``--eval-seqlen`` windows, first
+``--max-tokens`` tokens), blocks removed, wall time and peak memory (process RSS on CPU).
+
+    flock /tmp/fusegpt-cpu.lock .venv/bin/python benchmarks/bench_fusegpt.py --sparsity 0.25 --preset cpu
+
+Results accumulate in ``benchmarks/out/fusegpt.json`` (a killed run continues where it stopped;
+``--fresh`` starts over); the Markdown table goes to ``benchmarks/results_fusegpt.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+# Idle OpenMP threads yield instead of spinning: on 2 cores shared with other jobs, spinning made
+# a forward 10-30x slower here (measured). Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from fusegpt import EvalConfig, compress, config_for, evaluate, load_model  # noqa: E402
+from fusegpt.config import GROUP_TRAIN_PRESETS  # noqa: E402
+from fusegpt.models import get_adapter  # noqa: E402
+
+GROUP_METHODS = ("fusegpt", "mi+ft")
+LABELS = {"dense": "dense", "shortgpt": "ShortGPT", "sleb": "SLEB", "mi": "MI", "mi+ft": "MI+FT", "fusegpt": "FuseGPT"}
+
+
+def _settings(pairs: list[str]) -> dict:
+    import ast
+
+    out = {}
+    for p in pairs or []:
+        k, v = p.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v
+    return out
+
+
+def _own(method: str, args) -> dict:
+    """Settings over the preset for a group method (empty for the others)."""
+    if method not in GROUP_METHODS:
+        return {}
+    return _settings(args.set_fusegpt if method == "fusegpt" else args.set_mift)
+
+
+def _variant(own: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(own.items()))
+
+
+def _label(r: dict) -> str:
+    return LABELS[r["method"]] + (f" ({r['variant']})" if r.get("variant") else "")
+
+
+def run_one(dense, tok, method: str, sparsity: float, args, evalc: EvalConfig) -> dict:
+    preset = GROUP_TRAIN_PRESETS[args.preset]
+    calib = dict(calib_source=args.calib, nsamples=preset["calib_nsamples"], seqlen=preset["calib_seqlen"],
+                 seed=args.seed)
+    if method == "dense":
+        return {"method": "dense", "variant": "", "sparsity": 0.0, "removed": [], "layers": get_adapter(dense).num_layers,
+                "ppl": evaluate(dense, tok, evalc), "wall_s": 0.0, "peak_mb": None, "settings": {}}
+    extra = {}
+    own = _own(method, args)
+    if method in GROUP_METHODS:
+        extra = dict(preset=args.preset, **own)
+    cfg = config_for(method, sparsity=sparsity, **calib, **extra)
+    model = copy.deepcopy(dense)
+    model, rep = compress(model, tok, cfg)
+    step = rep.steps[0]
+    row = {"method": method, "variant": _variant(own), "sparsity": sparsity, "removed": rep.removed, "layers": rep.layers_after,
+           "ppl": evaluate(model, tok, evalc), "wall_s": round(rep.wall_time_s, 1), "peak_mb": rep.peak_memory_mb,
+           "settings": step.config, "groups": step.details.get("groups"), "fallbacks": step.details.get("fallbacks")}
+    del model
+    return row
+
+
+def table(rows: list[dict], sparsity: float) -> list[str]:
+    sel = sorted((r for r in rows if r["sparsity"] in (0.0, sparsity)),
+                 key=lambda r: (list(LABELS).index(r["method"]), r.get("variant", "")))
+    sleb = next((r for r in sel if r["method"] == "sleb"), None)
+    lines = ["| method | blocks | ppl wiki | ppl news | vs SLEB (wiki / news) | removed (original idx, order) | wall s | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        rel = "-"
+        if sleb and r["method"] not in ("dense", "sleb"):
+            rel = " / ".join(f"{100 * (r['ppl'][s] / sleb['ppl'][s] - 1):+.1f}%" for s in ("wiki", "news"))
+        lines.append(f"| {_label(r)} | {r['layers']} | {r['ppl']['wiki']:.2f} | {r['ppl']['news']:.2f} | {rel} "
+                     f"| {r['removed'] or '-'} | {r['wall_s']:.0f} | {r['peak_mb'] if r['peak_mb'] else '-'} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.25])
+    ap.add_argument("--methods", default="fusegpt,mi+ft,mi,sleb,shortgpt,dense")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--calib", default="wiki")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--set-fusegpt", nargs="*", default=[], metavar="KEY=VALUE", help="FuseGPT settings over the preset")
+    ap.add_argument("--set-mift", nargs="*", default=[], metavar="KEY=VALUE", help="MI+FT settings over the preset")
+    ap.add_argument("--out", default="benchmarks/out/fusegpt.json")
+    ap.add_argument("--md", default="benchmarks/results_fusegpt.md")
+    ap.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    rows: list[dict] = [] if args.fresh or not out.is_file() else json.loads(out.read_text())["rows"]
+    evalc = EvalConfig(data=("wiki", "news"), seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+    dense, tok = load_model(args.model)
+    command = "flock /tmp/fusegpt-cpu.lock .venv/bin/python benchmarks/bench_fusegpt.py " + shlex.join(sys.argv[1:])
+    for sparsity in args.sparsity:
+        for method in args.methods.split(","):
+            s = 0.0 if method == "dense" else sparsity
+            variant = _variant(_own(method, args))
+            if any(r["method"] == method and r["sparsity"] == s and r.get("variant", "") == variant for r in rows):
+                continue
+            row = run_one(dense, tok, method, sparsity, args, evalc)
+            rows.append(row)
+            print(f"{method} @ {s}: ppl {row['ppl']}, removed {row['removed']}, {row['wall_s']}s", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"args": vars(args), "command": command, "rows": rows}, indent=1))
+            write_md(rows, args, command)
+    print(write_md(rows, args, command))
+
+
+def write_md(rows: list[dict], args, command: str) -> str:
+    """The Markdown table of everything measured so far (rewritten after every run)."""
+    preset = GROUP_TRAIN_PRESETS[args.preset]
+    md = [f"### FuseGPT vs block pruning on SmolLM2-135M-Instruct ({args.preset} preset, seed {args.seed})", "",
+          f"Command: `{command}`", "",
+          f"Perplexity: GPTQ protocol, seqlen {args.eval_seqlen}, first {args.max_tokens} tokens of the `wiki` test "
+          f"split and of `news`. Calibration for every ranking: {preset['calib_nsamples']}×{preset['calib_seqlen']} "
+          f"tokens of `{args.calib}` train (seed {args.seed}). Wall time: the pruning step on 2 shared CPU cores; "
+          "peak memory: process RSS.", ""]
+    for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
+        md += [f"**Sparsity {sparsity}**", "", *table(rows, sparsity), ""]
+    for r in rows:
+        if r["method"] in GROUP_METHODS:
+            keys = ("preset", "loss", "epochs", "ft_nsamples", "ft_seqlen", "group_size", "lora_rank", "coef_rank",
+                    "lr_coef", "lr_base", "lr", "batch_size")
+            st = ", ".join(f"{k}={r['settings'][k]}" for k in keys if k in r["settings"])
+            md.append(f"- {_label(r)} @ {r['sparsity']}: {st}; fallbacks {r.get('fallbacks') or 'none'}")
+    text = "\n".join(md) + "\n"
+    Path(args.md).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""FuseGPT: learnable layers fusion (ALGORITHMS.md §2), and its MI+FT ablation.
+
+Per iteration, until ceil(L·s) blocks are gone:
+
+1. rank blocks by MI on the current (already fused) model; p = the lowest;
+2. partial group of ``group_size`` blocks around p (:func:`group_window`);
+3. fusion: every linear layer of every other group block becomes a :class:`FusedLinear` with a
+   new ``(C D) ⊙ W_p`` term (p materialised first if it was fused itself);
+4. knowledge learning local to the group (:func:`train_group`): inputs are the current model's
+   states entering the group on the fine-tuning set, the teacher is the group with p;
+5. drop p. At the end every fused layer is merged into a plain ``nn.Linear`` (fp32, cast back),
+   so the checkpoint is an ordinary one that stock ``transformers`` loads.
+
+MI+FT (``mi+ft``) runs the same loop without step 3: LoRA and norms of the group are trained.
+
+Deviations from the paper, all settings (see ``GROUP_TRAIN_PRESETS`` in :mod:`fusegpt.config`):
+the ``cpu`` preset uses the MSE loss (the paper's batch-softmax KL measured worse than no
+training here), LoRA at the coefficients' learning rate, and smaller ranks, sets and epochs.
+Older fused terms are merged into the frozen weight after training (not before), so a failed
+training can restore the group exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..api import register_method
+from ..config import FuseGPTConfig, GroupTrainConfig, MIFTConfig
+from ..data import calibration_windows
+from ..importance import candidate_blocks, lowest, mi_scores
+from ..models import DecoderAdapter
+from ..report import StepReport
+from .blocks import remove_blocks, scores_by_origin
+from .fused_linear import FusedLinear, frozen_weight
+from .fusion_state import has_state, load_state, save_state
+from .fusion_train import TrainSettings, eval_loss, group_window, run_group, train_group
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FusedLinear", "group_window", "merge_model", "run_group_pruning"]
+
+def _amp_dtype(adapter: DecoderAdapter, setting: str) -> torch.dtype | None:
+    """Autocast dtype for training on CUDA (None on CPU, the tested path)."""
+    if adapter.device.type != "cuda" or setting == "fp32":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    return adapter.dtype if adapter.dtype in (torch.bfloat16, torch.float16) else None
+
+
+@torch.no_grad()
+def _states_entering(adapter: DecoderAdapter, ids: torch.Tensor, start: int, batch_size: int) -> torch.Tensor:
+    """Hidden states entering block ``start`` of the current model, for all of ``ids`` (no grad)."""
+    outs = []
+    ctx = None
+    for chunk in ids.split(batch_size):
+        h = adapter.embed(chunk.to(adapter.device))
+        if ctx is None or h.shape[0] != batch_size:
+            ctx = adapter.context(h)
+        outs.append(adapter.run_blocks(h, 0, start, ctx))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def _group_outputs(adapter: DecoderAdapter, blocks: list[int], inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    outs = []
+    ctx = None
+    for x in inputs.split(batch_size):
+        if ctx is None or x.shape[0] != batch_size:
+            ctx = adapter.context(x)
+        outs.append(run_group(adapter, blocks, x, ctx))
+    return torch.cat(outs)
+
+
+def merge_model(adapter: DecoderAdapter) -> int:
+    """Merge every fused layer into a plain ``nn.Linear`` (fp32, cast back); returns the count."""
+    n = 0
+    for block in adapter.layers:
+        for role, mod in adapter.linear_roles(block).items():
+            if isinstance(mod, FusedLinear):
+                adapter.set_linear(block, role, mod.to_linear())
+                n += 1
+    return n
+
+
+def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], r: dict[str, Any], fuse: bool) -> list[FusedLinear]:
+    """Wrap the student blocks' linears (LoRA) and, with ``fuse``, add p's weights as new terms."""
+    p_roles = adapter.linear_roles(adapter.layers[p]) if fuse else {}
+    p_weights = {role: frozen_weight(m) for role, m in p_roles.items()}  # shared by the whole group
+    out = []
+    for j in student:
+        block = adapter.layers[j]
+        for role, lin in adapter.linear_roles(block).items():
+            fl = FusedLinear.from_linear(lin, r["lora_rank"])
+            if fuse:
+                w, b = p_weights[role]
+                fl.add_term(w, b, rank=r["coef_rank"])
+            if fl is not lin:
+                adapter.set_linear(block, role, fl)
+            out.append(fl)
+    return out
+
+
+def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, r: dict[str, Any],
+                    fuse: bool, it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
+    """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here."""
+    bs = r["batch_size"]
+    student = [j for j in group if j != p]
+    inputs = _states_entering(adapter, ft, group[0], bs)
+    targets = _group_outputs(adapter, group, inputs, bs)
+    # what a fallback restores: the modules per role, the number of terms, every trainable value
+    before = {(j, role): (m, len(m.terms) if isinstance(m, FusedLinear) else 0)
+              for j in student for role, m in adapter.linear_roles(adapter.layers[j]).items()}
+    torch.manual_seed(seed * 100003 + it)  # initial A, D: identical on resume
+    fused = _fuse_group(adapter, p, student, r, fuse)
+    lora = [q for fl in fused for q in fl.trainable()[0]]
+    coef = [q for fl in fused for q in fl.trainable()[1]]
+    norms = [q for j in student for m in adapter.norm_modules(adapter.layers[j]) for q in m.parameters()] \
+        if cfg.train_norms else []
+    snapshot = [q.detach().clone() for q in (*lora, *coef, *norms)]
+    amp = _amp_dtype(adapter, cfg.amp_dtype)
+    norm_dtypes = [q.dtype for q in norms]
+    if amp is not None:  # fp32 master weights for trained norms
+        for q in norms:
+            q.data = q.data.float()
+    settings = TrainSettings(
+        epochs=r["epochs"], batch_size=bs, lr_coef=r["lr_coef"] if fuse else 0.0,
+        lr_base=r["lr_base"] if fuse else r["lr"], loss=r["loss"], seed=seed * 1009 + it,
+        max_retries=cfg.max_retries, retry_lr_factor=cfg.retry_lr_factor, amp_dtype=amp,
+    )
+    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, r["loss"], bs)}
+    for q in (*lora, *coef, *norms):
+        q.requires_grad_(True)
+    try:
+        res = train_group(adapter, student, inputs, targets, coef if fuse else [], [*lora, *norms], settings,
+                          desc=f"{'fuse' if fuse else 'ft'} {it + 1}")
+    finally:
+        for q in (*lora, *coef, *norms):
+            q.requires_grad_(False)
+            q.grad = None
+        for q, dt in zip(norms, norm_dtypes, strict=True):
+            q.data = q.data.to(dt)
+    info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
+                fused=fuse and not res.diverged, diverged=res.diverged)
+    if res.diverged:
+        with torch.no_grad():
+            for q, v in zip((*lora, *coef, *norms), snapshot, strict=True):
+                q.data = v.to(q.dtype)
+        for (j, role), (mod, n_terms) in before.items():
+            if isinstance(mod, FusedLinear):
+                mod.terms = nn.ModuleList(list(mod.terms)[:n_terms])
+            adapter.set_linear(adapter.layers[j], role, mod)
+        logger.warning("training diverged for block %d; kept the plain removal for it", adapter.origin[p])
+    elif fuse and r.get("max_terms"):
+        for fl in fused:
+            fl.merge_oldest(r["max_terms"])
+    return info
+
+
+def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig, step: StepReport) -> None:
+    """FuseGPT (``FuseGPTConfig``) or MI+FT (``MIFTConfig``): remove ceil(L·s) blocks in place."""
+    fuse = isinstance(cfg, FuseGPTConfig)
+    r = cfg.resolved(adapter.device.type)
+    seed = cfg.calib.seed
+    n_layers = adapter.num_layers
+    k = n_layers - cfg.plan_layers(n_layers)
+    calib_cfg = r["calib"]
+    settings = {k2: (v.__dict__ if k2 == "calib" else v) for k2, v in r.items()}
+    settings.update({f: getattr(cfg, f) for f in ("sparsity", "early_barrier", "latter_barrier", "train_norms",
+                                                  "max_retries", "retry_lr_factor", "amp_dtype")})
+    settings["method"] = cfg.method
+    step.config.update({k2: v for k2, v in settings.items() if k2 != "method"})
+    if adapter.device.type == "cpu" and r["preset"] == "paper":
+        logger.warning("the paper preset on a CPU takes hours even for small models; try preset='cpu'")
+    calib = calibration_windows(tokenizer, calib_cfg.source, calib_cfg.nsamples, calib_cfg.seqlen, seed)
+    ft = calibration_windows(tokenizer, r["ft_source"], r["ft_nsamples"], r["ft_seqlen"], seed)
+    flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
+    start = 0
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
+    if cfg.resume and has_state(state_dir):
+        start = load_state(state_dir, adapter, step, settings)
+    elif cfg.resume:
+        logger.warning("--resume: no run state in %s; starting from the beginning", state_dir)
+    for q in adapter.model.parameters():
+        q.requires_grad_(False)  # only the group in training holds gradients
+    step.details.setdefault("groups", [])
+    step.details.setdefault("fallbacks", [])
+    try:
+        for it in tqdm(range(start, k), desc=f"{cfg.method} blocks", unit="block", initial=start, total=k):
+            cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
+            scores = mi_scores(adapter, calib, cands, cfg.mi_batch_size)
+            p = lowest(scores, 1)[0]
+            group = group_window(p, adapter.num_layers, r["group_size"])
+            origin = adapter.origin
+            info = _fuse_and_train(adapter, p, group, ft, r, fuse, it, seed, cfg)
+            info["group"] = [origin[j] for j in group]
+            by_origin = scores_by_origin(adapter, scores)
+            removed = remove_blocks(adapter, [p])
+            step.add_iteration(by_origin, removed, **info)
+            step.details["groups"].append({"removed": removed[0], "group": info["group"],
+                                           "loss_start": info["loss_start"], "loss_per_epoch": info["loss_per_epoch"]})
+            if info["diverged"]:
+                step.details["fallbacks"].append(removed[0])
+            logger.info("%s removed block %d (group %s), loss %.4g -> %s", cfg.method, removed[0], info["group"],
+                        info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]])
+            if state_dir is not None:
+                save_state(state_dir, adapter, step, it + 1, settings)
+            _after_iteration(it)
+        step.details["merged_layers"] = merge_model(adapter)
+    finally:
+        for q in adapter.model.parameters():
+            q.requires_grad_(flags.get(id(q), True))
+
+
+def _after_iteration(it: int) -> None:
+    """Hook after each saved iteration (tests raise here to simulate a kill)."""
+
+
+@register_method("fusegpt", "mi+ft")
+def _run(adapter: DecoderAdapter, tokenizer, cfg, step: StepReport) -> None:
+    assert isinstance(cfg, (FuseGPTConfig, MIFTConfig))
+    run_group_pruning(adapter, tokenizer, cfg, step)

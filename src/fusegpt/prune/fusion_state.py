@@ -1,0 +1,107 @@
+"""Per-block run state of FuseGPT / MI+FT, for ``--resume`` after an interruption.
+
+After each removed block the state folder (``state_dir``, the CLI uses ``<output>.state/<method>``)
+holds ``state.json`` (settings, blocks kept, the structure of every fused layer, the report so
+far) and ``model.pt`` (the model's state dict, fused terms included; tensors shared between
+layers stay shared). It is written atomically, so a kill leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_write_dir
+from ..models import DecoderAdapter
+from ..report import StepReport
+from .fused_linear import FusedLinear, FusionTerm
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def fused_spec(adapter: DecoderAdapter) -> dict[str, dict[str, dict]]:
+    """``{block index: {role: FusedLinear.spec()}}`` for every fused layer of the current model."""
+    out: dict[str, dict[str, dict]] = {}
+    for i, block in enumerate(adapter.layers):
+        roles = {r: m.spec() for r, m in adapter.linear_roles(block).items() if isinstance(m, FusedLinear)}
+        if roles:
+            out[str(i)] = roles
+    return out
+
+
+def save_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, done: int, settings: dict[str, Any]) -> None:
+    """Write the state after ``done`` iterations (atomic replace of ``path``)."""
+    payload = {
+        "version": STATE_VERSION,
+        "done": done,
+        "settings": settings,
+        "origin": adapter.origin,
+        "spec": fused_spec(adapter),
+        "removed": step.removed,
+        "iterations": step.iterations,
+        "details": step.details,
+    }
+
+    def write(tmp: Path) -> None:
+        torch.save(adapter.model.state_dict(), tmp / "model.pt")
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+    atomic_write_dir(path, write, overwrite=True)
+    logger.info("saved run state after %d block(s) to %s", done, path)
+
+
+def has_state(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / "state.json").is_file() and (Path(path) / "model.pt").is_file()
+
+
+def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, settings: dict[str, Any]) -> int:
+    """Bring the (freshly loaded, unpruned) model to the saved state; returns iterations done.
+
+    Refuses a state made with other settings (the result would not match an uninterrupted run).
+    """
+    path = Path(path)
+    payload = json.loads((path / "state.json").read_text())
+    if payload.get("version") != STATE_VERSION:
+        raise ValueError(f"run state in {path} has version {payload.get('version')}; delete it and start again")
+    saved = payload["settings"]
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        raise ValueError(f"run state in {path} was made with other settings ({', '.join(diff)}); "
+                         "run without --resume (or delete the folder) to start again")
+    origin = adapter.origin
+    if origin != list(range(adapter.num_layers)) and origin != payload["origin"]:
+        raise ValueError("--resume needs the original (unpruned) model as input")
+    keep = [origin.index(o) for o in payload["origin"]]
+    adapter.keep_layers(keep)
+    sd = torch.load(path / "model.pt", map_location=adapter.device, weights_only=True)
+    names = {}
+    for i_str, roles in payload["spec"].items():
+        block = adapter.layers[int(i_str)]
+        for role, spec in roles.items():
+            fl = FusedLinear.from_linear(adapter.linear_roles(block)[role], spec["lora_rank"])
+            adapter.set_linear(block, role, fl)
+            names[id(fl)] = (fl, spec)
+    for name, mod in adapter.model.named_modules():
+        if id(mod) not in names:
+            continue
+        fl, spec = names[id(mod)]
+        for m, rank in enumerate(spec["terms"]):
+            key = f"{name}.terms.{m}."
+            bias = sd.get(key + "fused_bias")
+            term = FusionTerm(sd[key + "fused_weight"], rank, bias, init=False)
+            fl.terms.append(term)
+    missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"run state in {path} does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); delete it and start again")
+    step.removed = list(payload["removed"])
+    step.iterations = list(payload["iterations"])
+    step.details = dict(payload["details"])
+    logger.info("resumed from %s after %d block(s)", path, payload["done"])
+    return int(payload["done"])

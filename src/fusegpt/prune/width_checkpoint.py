@@ -1,0 +1,172 @@
+"""Checkpoints of width-pruned models: per-layer head counts and FFN widths in the config.
+
+Stock ``transformers`` configs hold one ``num_attention_heads`` / ``intermediate_size`` for all
+layers, so a SlimGPT model cannot be described by them. :func:`mark_width_checkpoint` (called
+by :func:`fusegpt.checkpoint.save_pruned` after ``save_pretrained``) rewrites ``config.json``:
+
+* ``fusegpt_widths`` = ``{"format": 1, "model_type": <the real one>, "num_attention_heads":
+  [...], "num_key_value_heads": [...], "intermediate_size": [...]}``, one entry per layer;
+* ``model_type`` = :data:`MARKER_MODEL_TYPE`, a type transformers does not know, whose name says
+  what to do: ``AutoModelForCausalLM.from_pretrained`` then stops at once with
+  "model type `fusegpt_width_pruned-load_with-fusegpt.load_pruned` ... does not recognize",
+  instead of a shape mismatch deep inside the weight loading.
+
+:func:`load_width_pruned` (behind ``fusegpt.load_pruned`` and ``fusegpt eval --model DIR``)
+builds the model from the real config, shrinks each layer's projections to the saved widths
+through the adapter, and loads the safetensors weights strictly. The KV cache works as usual
+(``DynamicCache``); a static cache sized from ``config.num_key_value_heads`` does not fit
+layers whose K/V heads were pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..loading import WIDTH_KEY
+from ..models import DecoderAdapter, get_adapter
+
+logger = logging.getLogger(__name__)
+
+MARKER_MODEL_TYPE = "fusegpt_width_pruned-load_with-fusegpt.load_pruned"
+FORMAT = 1
+_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:
+    """Per-layer query heads, K/V heads and FFN widths of the model behind ``adapter``."""
+    blocks = list(adapter.layers)
+    return {
+        "num_attention_heads": [adapter.num_heads(b) for b in blocks],
+        "num_key_value_heads": [adapter.num_kv_heads(b) for b in blocks],
+        "intermediate_size": [adapter.intermediate_size(b) for b in blocks],
+    }
+
+
+def is_width_pruned_model(model: nn.Module) -> bool:
+    """True when some layer's widths differ from what the config says for all layers."""
+    cfg = model.config
+    try:
+        adapter = get_adapter(model)
+        if not all(isinstance(adapter.linear_roles(b).get(r), nn.Linear) for b in adapter.layers for r in _ROLES):
+            return False
+        if getattr(cfg, "intermediate_size", None) is None:
+            return False
+        widths = layer_widths(adapter)
+    except Exception:  # families without the LLaMA layout are never width-pruned
+        return False
+    uniform = {
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+    }
+    return any(any(v != uniform[k] for v in vals) for k, vals in widths.items())
+
+
+def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
+    """If ``model`` is width-pruned, rewrite ``folder/config.json`` as a fusegpt width checkpoint."""
+    if not is_width_pruned_model(model):
+        return False
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    widths = {"format": FORMAT, "model_type": cfg["model_type"], **layer_widths(get_adapter(model)),
+              "note": "per-layer widths of a width-pruned (SlimGPT) checkpoint; load with fusegpt.load_pruned(path)"}
+    cfg["model_type"] = MARKER_MODEL_TYPE
+    cfg[WIDTH_KEY] = widths
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def _shrunk(lin: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+    return nn.Linear(in_features or lin.in_features, out_features or lin.out_features, bias=lin.bias is not None,
+                     device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def apply_widths(adapter: DecoderAdapter, widths: dict[str, list[int]]) -> None:
+    """Replace each layer's projections with (uninitialised) ones of the saved widths."""
+    d = adapter.head_dim
+    n = adapter.num_layers
+    for key, vals in widths.items():
+        if key in ("num_attention_heads", "num_key_value_heads", "intermediate_size") and len(vals) != n:
+            raise ValueError(f"{WIDTH_KEY}.{key} lists {len(vals)} layers but the config has {n}")
+    for i, block in enumerate(adapter.layers):
+        h, kv, ffn = (widths["num_attention_heads"][i], widths["num_key_value_heads"][i],
+                      widths["intermediate_size"][i])
+        r = adapter.linear_roles(block)
+        adapter.set_linear(block, "q_proj", _shrunk(r["q_proj"], out_features=h * d))
+        adapter.set_linear(block, "k_proj", _shrunk(r["k_proj"], out_features=kv * d))
+        adapter.set_linear(block, "v_proj", _shrunk(r["v_proj"], out_features=kv * d))
+        adapter.set_linear(block, "o_proj", _shrunk(r["o_proj"], in_features=h * d))
+        adapter.set_linear(block, "gate_proj", _shrunk(r["gate_proj"], out_features=ffn))
+        adapter.set_linear(block, "up_proj", _shrunk(r["up_proj"], out_features=ffn))
+        adapter.set_linear(block, "down_proj", _shrunk(r["down_proj"], in_features=ffn))
+        adapter.set_attention_geometry(block, h, kv)
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Rebuild a width-pruned checkpoint at its per-layer widths: ``(model, tokenizer or None)``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    widths = raw.pop(WIDTH_KEY, None)
+    if not widths:
+        raise ValueError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} in config.json)")
+    if widths.get("format", FORMAT) > FORMAT:
+        raise ValueError(f"{folder} was saved by a newer fusegpt (width format {widths['format']}); upgrade fusegpt")
+    raw["model_type"] = widths["model_type"]
+    config = CONFIG_MAPPING[widths["model_type"]].from_dict(raw)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    adapter = get_adapter(model)
+    apply_widths(adapter, widths)
+    state = _read_state(folder)
+    saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the saved widths (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.to(device=device, dtype=dtype or saved_dtype).eval()
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    tokenizer = None
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # the tokenizer peeks at config.json and would warn about the marker model_type
+        prev = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        finally:
+            hf_logging.set_verbosity(prev)
+    logger.info("loaded width-pruned %s (%s, %d layers)", folder, widths["model_type"], adapter.num_layers)
+    return model, tokenizer
