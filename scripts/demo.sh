@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Set everything up, then prune the embedded SmolLM2-135M by 25% and compare before/after.
+# Set everything up, then prune the embedded SmolLM2-135M by 25% (8 of 30 blocks) with FuseGPT's
+# cpu preset, evaluate perplexity before/after on wiki and news, print a table, save runs/demo.
+#   METHOD=mi bash scripts/demo.sh        # a faster baseline (drop only)
+#   bash scripts/demo.sh --resume         # continue an interrupted run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/fusegpt prune --method "${METHOD:-mi}" --sparsity 0.25 --nsamples 8 --seqlen 256 \
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+METHOD=${METHOD:-fusegpt}
+extra=()
+case "$METHOD" in fusegpt|mi+ft) extra=(--preset cpu) ;; *) extra=(--nsamples 8 --seqlen 256) ;; esac
+exec .venv/bin/fusegpt prune --method "$METHOD" --sparsity 0.25 "${extra[@]}" --max-tokens 16384 \
   --output runs/demo --overwrite "$@"
