@@ -164,13 +164,10 @@ class DecoderAdapter:
     def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None = None) -> torch.Tensor:
         """Run one decoder block. ``index`` picks the mask type; default is the block's own."""
         kind = getattr(block, "attention_type", None) or (self.layer_type(index) if index is not None else "full_attention")
-        out = block(
-            hidden,
-            attention_mask=ctx.masks.get(kind),
-            position_ids=ctx.position_ids,
-            position_embeddings=ctx.position_embeddings,
-            use_cache=False,
-        )
+        kwargs = {"attention_mask": ctx.masks.get(kind), "position_ids": ctx.position_ids, "use_cache": False}
+        if ctx.position_embeddings is not None:  # rotary models; learned positions are added in embed()
+            kwargs["position_embeddings"] = ctx.position_embeddings
+        out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def run_blocks(

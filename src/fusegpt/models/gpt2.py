@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import BlockContext, DecoderAdapter
+from .base import DecoderAdapter
 from .registry import register_adapter
 
 
@@ -128,20 +128,6 @@ class GPT2Adapter(DecoderAdapter):
         raise NotImplementedError("head pruning is not supported for GPT-2: its attention splits c_attn at hidden_size")
 
     # ------------------------------------------------------------------ running
-    def context(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> BlockContext:
-        from transformers.masking_utils import create_causal_mask
-
-        if position_ids is None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
-        return BlockContext(position_ids=position_ids, position_embeddings=None, masks={"full_attention": mask})
-
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None = None) -> torch.Tensor:
-        out = block(hidden, attention_mask=ctx.masks.get("full_attention"), position_ids=ctx.position_ids,
-                    use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
