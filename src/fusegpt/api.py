@@ -51,15 +51,11 @@ def _run_blocks(adapter: DecoderAdapter, tokenizer, cfg: PruneConfig, step: Step
 
 
 def _load_method_plugins() -> None:
-    """Import the modules that register further methods (FuseGPT, SlimGPT) if present."""
-    import importlib
+    """Import the modules that register FuseGPT / MI+FT and SlimGPT / magnitude runners.
 
-    for mod in ("fusegpt.prune.fusion", "fusegpt.prune.width"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    Imported on first use rather than at module import: they import this module themselves.
+    """
+    from .prune import fusion, width  # noqa: F401
 
 
 def check_plan(model: nn.Module, configs: Sequence[PruneConfig]) -> None:
