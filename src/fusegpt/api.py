@@ -68,8 +68,7 @@ def check_plan(model: nn.Module, configs: Sequence[PruneConfig]) -> None:
         if ctx and cfg.calib.seqlen > ctx:
             raise ValueError(f"seqlen {cfg.calib.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
         n_layers = cfg.plan_layers(n_layers)
-        if hasattr(cfg, "plan_chain"):  # width steps: the steps before must leave room (SlimGPT)
-            cfg.plan_chain(n_start, n_layers)
+        cfg.plan_chain(n_start, n_layers)
         if cfg.method not in _RUNNERS:
             raise ValueError(f"method {cfg.method!r} is not available; choose from {', '.join(sorted(_RUNNERS))}")
 

@@ -60,6 +60,10 @@ class PruneConfig:
         """
         return n_layers
 
+    def plan_chain(self, n_layers_start: int, n_layers_now: int) -> None:
+        """Check this step against the steps before it in a chain (``n_layers_start`` blocks at the
+        start of the run, ``n_layers_now`` after the earlier steps); raises ConfigError. Default: no check."""
+
     def with_overrides(self, **kw: Any) -> PruneConfig:
         """A copy with the given fields replaced (``None`` values are ignored); validates again."""
         names = {f.name for f in fields(self)}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .models import check_supported
+from .models import adapter_class, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
     Width-pruned checkpoints (saved by SlimGPT) are rebuilt at their per-layer widths through
     :func:`fusegpt.load_pruned`. CPU models load in fp32 unless ``dtype`` says otherwise.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
     if Path(path).is_dir() and is_width_pruned(path):
@@ -141,11 +141,11 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
         return load_pruned(path, dtype=dtype, device=device)
     config = read_config(path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-    auto = AutoModelForCausalLM
-    if config.model_type == "llava":  # not an AutoModelForCausalLM type; prune its language tower
-        from transformers import AutoModelForImageTextToText as auto
-    attn = "eager" if config.model_type == "gemma2" else "sdpa"  # Gemma-2 soft-caps attention logits: no SDPA
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    import transformers
+
+    adapter = adapter_class(config.model_type)
+    auto = getattr(transformers, adapter.auto_class)
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     return model, tokenizer

@@ -42,6 +42,9 @@ class DecoderAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    # how load_model builds the model: the transformers auto class and attention implementation
+    auto_class: str = "AutoModelForCausalLM"
+    attn_implementation: str = "sdpa"
 
     def __init__(self, model: nn.Module):
         self.model = model

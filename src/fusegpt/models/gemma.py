@@ -38,6 +38,7 @@ class Gemma2Adapter(DecoderAdapter):
     """
 
     model_types = ("gemma2",)
+    attn_implementation = "eager"  # Gemma-2 soft-caps attention logits: no SDPA
 
     def norm_modules(self, block: nn.Module) -> list[nn.Module]:
         return [*super().norm_modules(block), block.pre_feedforward_layernorm, block.post_feedforward_layernorm]

@@ -38,6 +38,7 @@ class LlavaAdapter(DecoderAdapter):
     """LLaVA: the language tower's blocks, with the text family's adapter behaviour."""
 
     model_types = ("llava",)
+    auto_class = "AutoModelForImageTextToText"  # not an AutoModelForCausalLM type; its language tower is pruned
 
     def __new__(cls, model: nn.Module):
         if cls is not LlavaAdapter:
