@@ -58,7 +58,12 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
     """Save ``model`` (safetensors), ``tokenizer`` and ``report.json`` to ``path`` atomically."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model, "_fusegpt_offload", None) is not None:
+            from .offload import save_offloaded  # layer-wise: written block by block
+
+            save_offloaded(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         from .prune.width_checkpoint import mark_width_checkpoint  # per-layer widths (SlimGPT)
 
         mark_width_checkpoint(model, tmp)

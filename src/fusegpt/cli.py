@@ -116,9 +116,13 @@ def cmd_prune(args) -> int:
     for src in eval_cfg.data if eval_cfg else ():
         check_source(src)
     _check_model(args.model)
+    offload = args.offload
     if getattr(args, "max_memory", None):
-        _check_memory(args, configs, eval_cfg)
-    model, tok = load_model(args.model, device=args.device)
+        offload = _check_memory(args, configs, eval_cfg)
+    if offload and args.resume:
+        raise UsageError("--resume is not available with layer-wise offloading yet (--offload or a --max-memory that "
+                         "needs it); resume without them")
+    model, tok = _load(args, offload)
     api._load_method_plugins()
     api.check_plan(model, configs)
     from .data import calibration_windows
@@ -154,19 +158,37 @@ def _clear_run_state(configs, out: Path) -> None:
         parent.rmdir()
 
 
-def _check_memory(args, configs, eval_cfg) -> None:
-    """Refuse up front when the estimated peak memory exceeds ``--max-memory``."""
+def _device_map(spec: str | None):
+    if spec is None or spec in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return spec
+    p = Path(spec)
+    if p.suffix == ".json" and p.is_file():
+        return json.loads(p.read_text())
+    raise UsageError(f"--device-map {spec!r}: give auto, balanced, sequential or a .json file of module -> device")
+
+
+def _load(args, offload: str | None):
+    """Load the model as the device flags say (resident, layer-wise, or over several GPUs)."""
+    if offload and args.device_map:
+        raise UsageError("--offload and --device-map exclude each other: offload runs layer-wise on one device, "
+                         "a device map spreads the model over several")
+    return load_model(args.model, device=args.device, offload=offload, offload_folder=args.offload_folder,
+                      device_map=_device_map(args.device_map))
+
+
+def _check_memory(args, configs, eval_cfg) -> str | None:
+    """Honour ``--max-memory``: the offload to use (switching to layer-wise when only that fits) or refuse."""
     from transformers import AutoConfig
 
-    from .memory import check_budget, estimate_for_run, parse_size
+    from .memory import parse_size, plan_offload
 
     path = resolve_model_path(args.model)
     if is_width_pruned(path):
         logger.warning("--max-memory: no estimate for width-pruned inputs; not checked")
-        return
-    estimate = estimate_for_run(AutoConfig.from_pretrained(path), configs, args.device, eval_cfg)
+        return args.offload
     try:
-        check_budget(estimate, parse_size(args.max_memory))
+        return plan_offload(AutoConfig.from_pretrained(path), configs, parse_size(args.max_memory), args.device,
+                            eval_cfg, offload=args.offload)
     except MemoryError as e:
         raise UsageError(str(e)) from None
 
@@ -187,7 +209,10 @@ def cmd_eval(args) -> int:
     for src in cfg.data if cfg else ():
         check_source(src)
     path = _check_model(args.model)
-    model, tok = load_model(args.model, device=args.device)
+    if args.tasks and args.offload:
+        raise UsageError("--tasks runs lm-eval on the whole model; it cannot use --offload (use --device-map to "
+                         "spread a large model over GPUs)")
+    model, tok = _load(args, args.offload)
     ctx = getattr(model.config, "max_position_embeddings", None)
     if cfg and ctx and cfg.seqlen > ctx:
         raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
@@ -212,6 +237,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local folder, hub id (owner/name) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--offload", choices=("cpu", "disk"), default=None,
+                   help="layer-wise execution: keep the decoder blocks in host memory (cpu) or on disk and bring each "
+                        "onto --device only while it is used (models larger than device memory)")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where --offload disk keeps edited blocks (default: a temporary folder, removed at exit)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread the model over several GPUs with accelerate: auto, balanced, sequential, or a JSON "
+                        "file mapping module names to devices")
 
 
 def build_parser() -> argparse.ArgumentParser:

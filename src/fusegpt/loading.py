@@ -126,15 +126,27 @@ def is_width_pruned(path: str) -> bool:
     return cfg.is_file() and WIDTH_KEY in json.loads(cfg.read_text())
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               offload: str | None = None, offload_folder: str | None = None, device_map=None,
+               max_memory: dict | None = None):
     """Load ``(model, tokenizer)`` from a folder, hub id, ``.gguf`` file or the embedded default.
 
     Width-pruned checkpoints (saved by SlimGPT) are rebuilt at their per-layer widths through
     :func:`fusegpt.load_pruned`. CPU models load in fp32 unless ``dtype`` says otherwise.
+
+    ``offload="disk"`` or ``"cpu"``: layer-wise execution (:mod:`fusegpt.offload`): only the
+    non-block weights are loaded to ``device``; each block is read from the checkpoint when it is
+    used. ``device_map`` (e.g. ``"auto"`` with ``max_memory``): spread the blocks over several
+    GPUs through accelerate (every entry must be a device; use ``offload`` instead of ``"cpu"`` /
+    ``"disk"`` entries, which accelerate's hooks would not let pruning edit).
     """
     from transformers import AutoTokenizer
 
+    if offload is not None and device_map is not None:
+        raise ValueError("choose either offload (layer-wise on one device) or device_map (several GPUs), not both")
     path = resolve_model_path(spec)
+    if offload is not None:
+        return _load_layerwise(path, dtype, device, offload, offload_folder)
     if Path(path).is_dir() and is_width_pruned(path):
         from .checkpoint import load_pruned
 
@@ -145,7 +157,45 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
 
     adapter = adapter_class(config.model_type)
     auto = getattr(transformers, adapter.auto_class)
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
+    if device_map is not None:
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation,
+                                     device_map=device_map, max_memory=max_memory)
+        _check_device_map(model)
+    else:
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model.to(device).eval()
+    model.eval()
     return model, tokenizer
+
+
+def _check_device_map(model) -> None:
+    """Refuse accelerate placements that offload weights (pruning edits would be lost)."""
+    dm = getattr(model, "hf_device_map", None) or {}
+    off = sorted(k for k, v in dm.items() if v in ("cpu", "disk"))
+    if off and any(v not in ("cpu", "disk") for v in dm.values()):
+        raise ValueError(f"the device map offloads {off[:3]} to cpu/disk; fusegpt edits weights, which accelerate's "
+                         "offload hooks would discard. Give more max_memory, or use offload='disk' (--offload disk)")
+
+
+def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
+    from transformers import AutoTokenizer
+
+    from .offload import load_offloaded
+
+    p = Path(path)
+    if not p.is_dir():
+        try:  # a hub id: fetch the files (weights stay on disk; blocks are read when used)
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - any failure to fetch ends in the same advice
+            raise ModelLoadError(f"could not fetch {path} for layer-wise loading ({e}); download it to a folder "
+                                 "first (huggingface-cli download) and pass the folder") from e
+    if not p.is_dir():
+        raise ModelLoadError(f"layer-wise loading needs a local checkpoint folder with safetensors; {path} is not one "
+                             "(download it first, e.g. huggingface-cli download)")
+    if is_width_pruned(path):
+        raise ModelLoadError("width-pruned checkpoints cannot be loaded layer-wise yet; load without --offload")
+    model = load_offloaded(p, device=device, dtype=dtype, storage=offload, folder=folder)
+    return model, AutoTokenizer.from_pretrained(str(p))

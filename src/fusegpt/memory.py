@@ -1,7 +1,9 @@
 """Up-front estimate of the peak memory a pruning run needs, from the config alone.
 
-Everything runs on one device today (no offloading), so the peak is the resident model plus the
-largest working set of any step. With ``b`` the bytes per model value (4 for fp32, 2 for
+Resident runs peak at the whole model plus the largest working set of any step. Layer-wise runs
+(``offload``, :mod:`fusegpt.offload`) keep only the non-block weights and add, per step, the blocks
+it holds at once: one for scoring, OBS and perplexity; for group training the ``g`` blocks of the
+group plus each student's stored copies of fused weights (up to ``max_terms`` per layer). With ``b`` the bytes per model value (4 for fp32, 2 for
 bf16/fp16), ``P`` the parameter count, ``L`` blocks, ``h`` hidden size, ``I`` FFN width, ``H``
 query heads, ``V`` vocabulary, ``P_blk`` parameters per block:
 
@@ -98,6 +100,7 @@ class _Geometry:
     head_dim: int
     vocab: int
     block_params: int
+    blocks_params: int  # all blocks together
     roles_io: int  # Σ over a block's linear roles of (in + out)
 
 
@@ -128,6 +131,7 @@ def _geometry(model_or_config) -> _Geometry:
         head_dim=a.head_dim,
         vocab=a.config.vocab_size,
         block_params=max(sum(p.numel() for p in blk.parameters()) for blk in a.layers),
+        blocks_params=sum(p.numel() for p in a.layers.parameters()),
         roles_io=sum(m.in_features + m.out_features for m in roles.values()),
     )
 
@@ -138,18 +142,21 @@ def _act(g: _Geometry, batch: int, seqlen: int, nbytes: int, scores: bool = True
 
 
 def estimate_memory(model_or_config, configs, dtype: torch.dtype = torch.float32, device_type: str = "cpu",
-                    eval_config=None) -> MemoryEstimate:
+                    eval_config=None, offload: bool = False) -> MemoryEstimate:
     """Estimate the peak memory of pruning ``model_or_config`` with ``configs`` (see the module doc).
 
     ``model_or_config``: a loaded model or just its config (a meta-device copy is built to count
-    parameters; nothing is allocated). ``configs``: one method config or a chain.
+    parameters; nothing is allocated). ``configs``: one method config or a chain. ``offload``:
+    layer-wise execution, where only the non-block weights stay and each step adds the blocks it
+    holds at once.
     """
     from .config import GroupTrainConfig, PruneConfig
 
     g = _geometry(model_or_config)
     b = torch.finfo(dtype).bits // 8
     sc = device_type != "cuda"  # attention scores materialised (CPU math / eager)
-    est = MemoryEstimate(weights=g.params * b)
+    blk = g.block_params * b if offload else 0  # one resident block (0: already in the weights)
+    est = MemoryEstimate(weights=(g.params - g.blocks_params if offload else g.params) * b)
     configs = [configs] if isinstance(configs, PruneConfig) else list(configs)
     for cfg in configs:
         name = cfg.method
@@ -160,10 +167,13 @@ def estimate_memory(model_or_config, configs, dtype: torch.dtype = torch.float32
             terms = max(1, r.get("max_terms") or 1) if name == "fusegpt" else 0
             trainable = (gs - 1) * (r["lora_rank"] + terms * r.get("coef_rank", 0)) * g.roles_io
             est.steps[f"{name} MI ranking"] = {
+                "resident blocks": blk,
                 "cached states": (g.n_layers + 1) * cfg.mi_batch_size * calib.seqlen * g.hidden * b,
                 "activations": _act(g, cfg.mi_batch_size, calib.seqlen, b, scores=sc),
             }
             est.steps[f"{name} group training"] = {
+                # the group, plus each student's copies of fused weights (separate once stored)
+                "resident blocks": blk * (gs + (gs - 1) * terms),
                 "group inputs+targets": 2 * r["ft_nsamples"] * r["ft_seqlen"] * g.hidden * b,
                 "trainable+Adam": 16 * trainable,
                 "effective weights+grads": 2 * (gs - 1) * g.block_params * 4,
@@ -173,20 +183,21 @@ def estimate_memory(model_or_config, configs, dtype: torch.dtype = torch.float32
             cal = cfg.calib
             widest = max(g.heads * g.head_dim, g.ffn)
             est.steps[name] = {
+                "resident blocks": blk,
                 "cached states": 0 if name == "magnitude" else 2 * cal.nsamples * cal.seqlen * g.hidden * b,
                 "Hessian": 0 if name == "magnitude" else 3 * widest * widest * 4,
                 "activations": _act(g, getattr(cfg, "batch_size", 1), cal.seqlen, b, scores=sc),
             }
         else:  # block scorers
             cal = cfg.calib
-            parts = {"cached states": (g.n_layers + 1) * cal.seqlen * g.hidden * b,
+            parts = {"resident blocks": blk, "cached states": (g.n_layers + 1) * cal.seqlen * g.hidden * b,
                      "activations": _act(g, 1, cal.seqlen, b, scores=sc)}
             if name == "sleb":
                 parts["logits"] = cal.seqlen * g.vocab * 4
             est.steps[name] = parts
     if eval_config is not None:
         bs, t = eval_config.batch_size, eval_config.seqlen
-        est.steps["perplexity"] = {"logits": 2 * bs * t * g.vocab * 4, "activations": _act(g, bs, t, b, scores=sc)}
+        est.steps["perplexity"] = {"resident blocks": blk, "logits": 2 * bs * t * g.vocab * 4, "activations": _act(g, bs, t, b, scores=sc)}
     return est
 
 
@@ -196,14 +207,43 @@ def check_budget(estimate: MemoryEstimate, budget: int | str) -> None:
     if estimate.total > limit:
         raise MemoryError(
             f"this run needs about {estimate.describe()}, more than the budget of {format_size(limit)}; "
-            "lower nsamples/seqlen/batch sizes (or the preset), use a bf16 model on CUDA, or raise --max-memory "
-            "(layer-wise offloading is not implemented)"
+            "lower nsamples/seqlen/batch sizes, group_size or max_terms (or the preset), use a bf16 model on CUDA, "
+            "or raise --max-memory"
         )
     logger.info("memory estimate %s within the budget of %s", estimate.describe(), format_size(limit))
 
 
-def estimate_for_run(model_or_config, configs: Sequence, device: str = "cpu", eval_config=None) -> MemoryEstimate:
+def estimate_for_run(model_or_config, configs: Sequence, device: str = "cpu", eval_config=None,
+                     offload: bool = False) -> MemoryEstimate:
     """:func:`estimate_memory` with the dtype fusegpt loads in on ``device`` (fp32 on CPU, bf16 on CUDA)."""
     kind = torch.device(device).type
     dtype = torch.float32 if kind == "cpu" else torch.bfloat16
-    return estimate_memory(model_or_config, configs, dtype=dtype, device_type=kind, eval_config=eval_config)
+    return estimate_memory(model_or_config, configs, dtype=dtype, device_type=kind, eval_config=eval_config,
+                           offload=offload)
+
+
+def plan_offload(model_or_config, configs: Sequence, budget: int | str, device: str = "cpu", eval_config=None,
+                 offload: str | None = None) -> str | None:
+    """Honour a memory ``budget``: the offload storage to use (None: all resident), or MemoryError.
+
+    With ``offload`` already chosen the layer-wise estimate must fit. Otherwise the model stays
+    resident when it fits, and goes layer-wise (blocks on disk) when only that fits; when neither
+    fits, the error gives both figures.
+    """
+    limit = parse_size(budget) if isinstance(budget, str) else int(budget)
+    layerwise = estimate_for_run(model_or_config, configs, device, eval_config, offload=True)
+    if offload is None:
+        resident = estimate_for_run(model_or_config, configs, device, eval_config)
+        if resident.total <= limit:
+            logger.info("memory estimate %s within the budget of %s", resident.describe(), format_size(limit))
+            return None
+        if layerwise.total <= limit:
+            logger.warning("the model does not fit in %s resident (%s); running layer-wise with blocks on disk (%s)",
+                           format_size(limit), format_size(resident.total), layerwise.describe())
+            return "disk"
+        raise MemoryError(
+            f"this run needs about {resident.describe()} resident, and about {layerwise.describe()} layer-wise "
+            f"(--offload disk), both more than the budget of {format_size(limit)}; lower nsamples/seqlen/batch sizes, "
+            "group_size or max_terms (or the preset), use a bf16 model on CUDA, or raise --max-memory")
+    check_budget(layerwise, limit)
+    return offload

@@ -17,13 +17,13 @@ def bi_scores(adapter: DecoderAdapter, calib: torch.Tensor, batch_size: int = 1)
     """BI of every block of the current model."""
     n_layers = adapter.num_layers
     sums = torch.zeros(n_layers, dtype=torch.float64)
-    count = 0
-    for ids in calib.split(batch_size):
-        h = adapter.embed(ids.to(adapter.device))
-        ctx = adapter.context(h)
-        for i in range(n_layers):
-            nxt = adapter.run_block(adapter.layers[i], h, ctx, i)
-            sums[i] += F.cosine_similarity(h.float(), nxt.float(), dim=-1).double().sum()
-            h = nxt
-        count += ids.numel()
+    chunks = [adapter.embed(ids.to(adapter.device)) for ids in calib.split(batch_size)]
+    ctxs = adapter.contexts(chunks)
+    for i in range(n_layers):
+        with adapter.using([i]):
+            nxt = [adapter.run_block(adapter.layers[i], h, ctx, i) for h, ctx in zip(chunks, ctxs, strict=True)]
+        for h, o in zip(chunks, nxt, strict=True):
+            sums[i] += F.cosine_similarity(h.float(), o.float(), dim=-1).double().sum()
+        chunks = nxt
+    count = calib.numel()
     return 1.0 - sums / count

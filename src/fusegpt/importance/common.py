@@ -1,9 +1,10 @@
 """The candidate loop that MI and SLEB share: score every block by skipping it.
 
-X_i (the state entering block i) is the same with or without block i, so for each batch the
-states X_0 … X_L of the current model are computed once and each candidate runs only blocks
-i+1 … L−1 from X_i (``cache_prefix=True``, about L²/2 block passes instead of L² when every
-candidate restarts from the embeddings). Both paths give the same scores.
+X_i (the state entering block i) is the same with or without block i, so each candidate only
+needs blocks i+1 … L−1 run from X_i (``cache_prefix=True``, about L²/2 block passes instead of
+L² when every candidate restarts from the embeddings). The cached path runs block-outer (all
+tracks through block j, then j+1), so a layer-wise (offloaded) model brings each block in once
+per batch. Both paths give the same scores.
 """
 
 from __future__ import annotations
@@ -51,25 +52,48 @@ def skip_one_scores(
         ids = ids.to(adapter.device)
         h = adapter.embed(ids)
         ctx = adapter.context(h)
-        states = [h]
-        for i in range(n_layers):
-            states.append(adapter.run_block(adapter.layers[i], states[-1], ctx, i))
-        ref = states[-1]
+        if cache_prefix:
+            outs, ref = _skip_one_lockstep(adapter, h, ctx, candidates, bar)
+        else:
+            ref = adapter.run_blocks(h, 0, n_layers, ctx)
+            outs = {}
+            for i in candidates:
+                outs[i] = adapter.run_blocks(h, 0, n_layers, ctx, skip=(i,))
+                bar.update(1)
         n_tok = 0
         for i in candidates:
-            if cache_prefix:
-                out = adapter.run_blocks(states[i], i + 1, n_layers, ctx)
-            else:
-                out = adapter.run_blocks(states[0], 0, n_layers, ctx, skip=(i,))
-            s, n_tok = metric(out, ref, ids)
+            s, n_tok = metric(outs[i], ref, ids)
             sums[i] += float(s)
-            bar.update(1)
         count += n_tok
-        del states
+        del outs
     bar.close()
     scores = torch.full((n_layers,), float("nan"), dtype=torch.float64)
     scores[candidates] = sums[candidates] / max(count, 1)
     return scores
+
+
+def _skip_one_lockstep(adapter: DecoderAdapter, h: torch.Tensor, ctx, candidates: Sequence[int],
+                       bar) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Outputs of the model with each candidate skipped, and the full model's output, block-outer.
+
+    Block j runs once on the reference track and once on every track whose skipped block came
+    before j; the track of candidate j starts from the state entering j. Each block is used
+    once per batch (it comes onto the device once when the model is offloaded); the operations
+    are those of restarting every candidate from its cached prefix.
+    """
+    tracks: dict[int, torch.Tensor] = {}
+    cand = set(candidates)
+    ref = h
+    for j in range(adapter.num_layers):
+        with adapter.using([j]):
+            block = adapter.layers[j]
+            for i in list(tracks):
+                tracks[i] = adapter.run_block(block, tracks[i], ctx, j)
+            if j in cand:
+                tracks[j] = ref
+            ref = adapter.run_block(block, ref, ctx, j)
+    bar.update(len(tracks))
+    return tracks, ref
 
 
 def lowest(scores: torch.Tensor, k: int) -> list[int]:

@@ -8,7 +8,8 @@ family of architectures and is registered for its ``config.model_type`` values i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -164,8 +165,71 @@ class DecoderAdapter:
             masks[kind] = fn(**kwargs)
         return BlockContext(position_ids=position_ids, position_embeddings=pos_emb, masks=masks)
 
+    # ------------------------------------------------------------------ layer-wise execution
+    @property
+    def offloader(self):
+        """The :class:`~fusegpt.offload.BlockOffloader` of this model, or None when resident."""
+        return getattr(self.model, "_fusegpt_offload", None)
+
+    @contextlib.contextmanager
+    def using(self, indices: Sequence[int], write: bool = False) -> Iterator[None]:
+        """Keep blocks ``indices`` on the compute device inside the ``with`` (no-op when resident).
+
+        Pass ``write=True`` when the code inside edits them, so the edit is kept in the store.
+        """
+        off = self.offloader
+        if off is None:
+            yield
+            return
+        with off.use([self.layers[i] for i in indices], write=write):
+            yield
+
+    def contexts(self, chunks: Sequence[torch.Tensor]) -> list[BlockContext]:
+        """One context per chunk, shared between chunks of the same shape (masks are not copied)."""
+        by_shape: dict[tuple[int, ...], BlockContext] = {}
+        return [by_shape.setdefault(tuple(h.shape[:2]), self.context(h)) if tuple(h.shape[:2]) not in by_shape
+                else by_shape[tuple(h.shape[:2])] for h in chunks]
+
+    def run_layerwise(self, chunks: list[torch.Tensor], ctxs: list[BlockContext], start: int = 0,
+                      end: int | None = None) -> list[torch.Tensor]:
+        """Run blocks ``start … end-1`` over every chunk, block by block (each block comes in once).
+
+        When the model is offloaded to a GPU, the chunks wait on the CPU between blocks, so only
+        one chunk's hidden states and one block sit on the device at a time.
+        """
+        end = self.num_layers if end is None else end
+        off = self.offloader
+        park = off is not None and off.device.type != "cpu"
+        for i in range(start, end):
+            with self.using([i]):
+                out = []
+                for h, ctx in zip(chunks, ctxs, strict=True):
+                    h = self.run_block(self.layers[i], h.to(self.device), ctx, i)
+                    out.append(h.to("cpu") if park else h)
+                chunks = out
+        return chunks
+
     def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None = None) -> torch.Tensor:
-        """Run one decoder block. ``index`` picks the mask type; default is the block's own."""
+        """Run one decoder block. ``index`` picks the mask type; default is the block's own.
+
+        An offloaded block is brought to the device for this call; a block on another device
+        (a multi-GPU device map) gets the hidden states and context moved to it, and its output
+        is moved back to the adapter's device.
+        """
+        off = self.offloader
+        if off is not None and not off.is_resident(block):
+            with off.use([block]):
+                return self._run_block(block, hidden, ctx, index)
+        return self._run_block(block, hidden, ctx, index)
+
+    def _run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None) -> torch.Tensor:
+        dev = _block_device(block)
+        if dev is not None and dev != hidden.device:
+            back = hidden.device
+            return self._call_block(block, hidden.to(dev), _ctx_to(ctx, dev), index).to(back)
+        return self._call_block(block, hidden, ctx, index)
+
+    def _call_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None) -> torch.Tensor:
         kind = getattr(block, "attention_type", None) or (self.layer_type(index) if index is not None else "full_attention")
         kwargs = {"attention_mask": ctx.masks.get(kind), "position_ids": ctx.position_ids, "use_cache": False}
         if ctx.position_embeddings is not None:  # rotary models; learned positions are added in embed()
@@ -226,8 +290,26 @@ class DecoderAdapter:
             if hasattr(block, "layer_idx"):
                 block.layer_idx = new_idx
         self.config.num_hidden_layers = len(keep)
+        if self.offloader is not None:
+            self.offloader.forget(new_layers)
         if types:
             self.config.layer_types = [types[i] for i in keep]
         mwl = getattr(self.config, "max_window_layers", None)
         if isinstance(mwl, int) and mwl > len(keep):
             self.config.max_window_layers = len(keep)
+
+
+def _block_device(block: nn.Module) -> torch.device | None:
+    """Device of a block's first real parameter (None for parameterless or meta blocks)."""
+    for p in block.parameters():
+        return None if p.is_meta else p.device
+    return None
+
+
+def _ctx_to(ctx: BlockContext, dev: torch.device) -> BlockContext:
+    pe = ctx.position_embeddings
+    return BlockContext(
+        position_ids=ctx.position_ids.to(dev),
+        position_embeddings=tuple(t.to(dev) for t in pe) if pe is not None else None,
+        masks={k: (m.to(dev) if isinstance(m, torch.Tensor) else m) for k, m in ctx.masks.items()},
+    )

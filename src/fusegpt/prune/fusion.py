@@ -59,14 +59,9 @@ def _amp_dtype(adapter: DecoderAdapter, setting: str) -> torch.dtype | None:
 @torch.no_grad()
 def _states_entering(adapter: DecoderAdapter, ids: torch.Tensor, start: int, batch_size: int) -> torch.Tensor:
     """Hidden states entering block ``start`` of the current model, for all of ``ids`` (no grad)."""
-    outs = []
-    ctx = None
-    for chunk in ids.split(batch_size):
-        h = adapter.embed(chunk.to(adapter.device))
-        if ctx is None or h.shape[0] != batch_size:
-            ctx = adapter.context(h)
-        outs.append(adapter.run_blocks(h, 0, start, ctx))
-    return torch.cat(outs)
+    chunks = [adapter.embed(chunk.to(adapter.device)) for chunk in ids.split(batch_size)]
+    outs = adapter.run_layerwise(chunks, adapter.contexts(chunks), 0, start)
+    return torch.cat([h.to(adapter.device) for h in outs])
 
 
 @torch.no_grad()
@@ -83,9 +78,12 @@ def _group_outputs(adapter: DecoderAdapter, blocks: list[int], inputs: torch.Ten
 def merge_model(adapter: DecoderAdapter) -> int:
     """Merge every fused layer into a plain ``nn.Linear`` (fp32, cast back); returns the count."""
     n = 0
-    for block in adapter.layers:
-        for role, mod in adapter.linear_roles(block).items():
-            if isinstance(mod, FusedLinear):
+    for i, block in enumerate(adapter.layers):
+        fused = {role: mod for role, mod in adapter.linear_roles(block).items() if isinstance(mod, FusedLinear)}
+        if not fused:
+            continue
+        with adapter.using([i], write=True):
+            for role, mod in fused.items():
                 adapter.set_linear(block, role, mod.to_linear())
                 n += 1
     return n
@@ -102,7 +100,8 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], r: dict[str
             fl = FusedLinear.from_linear(lin, r["lora_rank"])
             if fuse:
                 w, b = p_weights[role]
-                fl.add_term(w, b, rank=r["coef_rank"])
+                dev = fl.weight.device  # p may sit on another GPU under a device map
+                fl.add_term(w.to(dev), None if b is None else b.to(dev), rank=r["coef_rank"])
             if fl is not lin:
                 adapter.set_linear(block, role, fl)
             out.append(fl)
@@ -111,7 +110,17 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], r: dict[str
 
 def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, r: dict[str, Any],
                     fuse: bool, it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
-    """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here."""
+    """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here.
+
+    On an offloaded model the group's blocks stay on the device for the whole step and are
+    written back to the store afterwards.
+    """
+    with adapter.using(group, write=True):
+        return _fuse_and_train_resident(adapter, p, group, ft, r, fuse, it, seed, cfg)
+
+
+def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor,
+                             r: dict[str, Any], fuse: bool, it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
     bs = r["batch_size"]
     student = [j for j in group if j != p]
     inputs = _states_entering(adapter, ft, group[0], bs)
@@ -180,11 +189,16 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
     step.config.update({k2: v for k2, v in settings.items() if k2 != "method"})
     if adapter.device.type == "cpu" and r["preset"] == "paper":
         logger.warning("the paper preset on a CPU takes hours even for small models; try preset='cpu'")
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
+    if adapter.offloader is not None and cfg.resume:
+        raise ValueError("--resume is not available with layer-wise offloading yet; run without --offload to resume")
+    if adapter.offloader is not None and state_dir is not None:
+        logger.warning("layer-wise run: the per-block run state is not saved (resume needs a resident run)")
+        state_dir = None
     calib = calibration_windows(tokenizer, calib_cfg.source, calib_cfg.nsamples, calib_cfg.seqlen, seed)
     ft = calibration_windows(tokenizer, r["ft_source"], r["ft_nsamples"], r["ft_seqlen"], seed)
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
     start = 0
-    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     if cfg.resume and has_state(state_dir):
         start = load_state(state_dir, adapter, step, settings)
     elif cfg.resume:

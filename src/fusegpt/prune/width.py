@@ -362,44 +362,9 @@ def prune_widths(adapter: DecoderAdapter, calib: torch.Tensor | None, cfg: SlimG
     per_layer = []
     bar = tqdm(list(enumerate(adapter.layers)), desc=f"{cfg.method} blocks", unit="block")
     for i, block in bar:
-        p = plan.layers[i]
-        w = block_width(adapter, block)
-        info = {"layer": origin[i], "ratio_target": round(p.ratio_target, 5), "ratio": round(p.ratio, 5),
-                "heads": list(p.heads), "kv_heads": list(p.kv_heads), "ffn": list(p.ffn), "params": list(p.params)}
-        roles = _linear_roles(adapter, block)
-        if p.heads[1] < p.heads[0]:
-            if magnitude:
-                keep, keep_kv, removed = magnitude_heads(adapter, block, w, p)
-            else:
-                obs = _collect(adapter, block, roles["o_proj"], f"block {origin[i]} o_proj", cfg.percdamp,
-                               hidden, ctxs, i)
-                units, sched = head_units(w, p)
-                d = w.head_dim
-                col_units = [[h * d + j for h in u for j in range(d)] for u in units]
-                removed, err = obs.prune_units(col_units, sched, gcd=cfg.gcd)
-                obs.free()
-                keep, keep_kv = _heads_kept(w, p, units, removed)
-                info["attn_error"] = err
-            info["removed_heads"] = sorted(h for h in range(w.n_heads) if h not in keep)
-            apply_head_pruning(adapter, block, keep, keep_kv)
-        n_ch = p.ffn[0] - p.ffn[1]
-        if n_ch > 0:
-            roles = _linear_roles(adapter, block)
-            if magnitude:
-                gone = magnitude_channels(adapter, block, n_ch)
-            else:
-                obs = _collect(adapter, block, roles["down_proj"], f"block {origin[i]} down_proj", cfg.percdamp,
-                               hidden, ctxs, i)
-                gone, err = obs.prune_channels(n_ch, dgs=cfg.dgs, group_min=cfg.ffn_group_min,
-                                               group_max=cfg.ffn_group_max)
-                obs.free()
-                info["ffn_error"] = err
-            gone_set = set(gone)
-            apply_ffn_pruning(adapter, block, [j for j in range(w.ffn) if j not in gone_set])
-        if not magnitude:
-            hidden = [adapter.run_block(block, h, ctx, i) for h, ctx in zip(hidden, ctxs, strict=True)]
+        with adapter.using([i], write=True):
+            hidden, info = _prune_block(adapter, cfg, plan, i, block, hidden, ctxs, origin[i])
         per_layer.append(info)
-        logger.debug("block %d: heads %s, kv %s, ffn %s", origin[i], p.heads, p.kv_heads, p.ffn)
     bar.close()
     step.details.update({
         "sparsity_target": cfg.sparsity,
@@ -415,6 +380,50 @@ def prune_widths(adapter: DecoderAdapter, calib: torch.Tensor | None, cfg: SlimG
     })
     logger.info("%s: decoder params %d -> %d (%.2f%% of the start), r_max %.4f", cfg.method, plan.params_now,
                 plan.params_after, 100 * plan.achieved, plan.r_max)
+
+
+def _prune_block(adapter: DecoderAdapter, cfg: SlimGPTConfig, plan: WidthPlan, i: int, block: nn.Module,
+                 hidden: list[torch.Tensor], ctxs: list, origin: int) -> tuple[list[torch.Tensor], dict]:
+    """Prune block ``i`` to its plan (OBS or magnitude); returns the hidden states after it and its report."""
+    magnitude = cfg.method == "magnitude"
+    p = plan.layers[i]
+    w = block_width(adapter, block)
+    info = {"layer": origin, "ratio_target": round(p.ratio_target, 5), "ratio": round(p.ratio, 5),
+            "heads": list(p.heads), "kv_heads": list(p.kv_heads), "ffn": list(p.ffn), "params": list(p.params)}
+    roles = _linear_roles(adapter, block)
+    if p.heads[1] < p.heads[0]:
+        if magnitude:
+            keep, keep_kv, removed = magnitude_heads(adapter, block, w, p)
+        else:
+            obs = _collect(adapter, block, roles["o_proj"], f"block {origin} o_proj", cfg.percdamp,
+                           hidden, ctxs, i)
+            units, sched = head_units(w, p)
+            d = w.head_dim
+            col_units = [[h * d + j for h in u for j in range(d)] for u in units]
+            removed, err = obs.prune_units(col_units, sched, gcd=cfg.gcd)
+            obs.free()
+            keep, keep_kv = _heads_kept(w, p, units, removed)
+            info["attn_error"] = err
+        info["removed_heads"] = sorted(h for h in range(w.n_heads) if h not in keep)
+        apply_head_pruning(adapter, block, keep, keep_kv)
+    n_ch = p.ffn[0] - p.ffn[1]
+    if n_ch > 0:
+        roles = _linear_roles(adapter, block)
+        if magnitude:
+            gone = magnitude_channels(adapter, block, n_ch)
+        else:
+            obs = _collect(adapter, block, roles["down_proj"], f"block {origin} down_proj", cfg.percdamp,
+                           hidden, ctxs, i)
+            gone, err = obs.prune_channels(n_ch, dgs=cfg.dgs, group_min=cfg.ffn_group_min,
+                                           group_max=cfg.ffn_group_max)
+            obs.free()
+            info["ffn_error"] = err
+        gone_set = set(gone)
+        apply_ffn_pruning(adapter, block, [j for j in range(w.ffn) if j not in gone_set])
+    if not magnitude:
+        hidden = [adapter.run_block(block, h, ctx, i) for h, ctx in zip(hidden, ctxs, strict=True)]
+    logger.debug("block %d: heads %s, kv %s, ffn %s", origin, p.heads, p.kv_heads, p.ffn)
+    return hidden, info
 
 
 @register_method("slimgpt", "magnitude")

@@ -1,0 +1,361 @@
+"""Layer-wise execution: decoder blocks live off the compute device and come in while used.
+
+A :class:`BlockOffloader` attached to a model keeps every decoder block's tensors in a *store*
+(CPU memory, or one safetensors file per block in a folder) and leaves the block's modules in
+the model with their parameters on the ``meta`` device. The adapter brings a block onto the
+compute device for the time it runs (``run_block``) or while an algorithm edits it
+(``adapter.using(indices, write=True)``); edited blocks are written back to the store. The
+embeddings, final norm and LM head stay on the compute device.
+
+So the peak memory of a run is the non-block weights, the blocks in use at once (one for scoring,
+perplexity and OBS; a FuseGPT group), and the activations, instead of the whole model. Blocks of a
+checkpoint on disk are read lazily from its own safetensors files (:func:`load_offloaded`), so a
+model bigger than memory never has to be materialised.
+
+Choices: the module structure stays in memory (fusion may replace a block's linears while it is
+onloaded; the new tensors go to the store by name); stored tensors keep their dtype; a block
+loaded from a checkpoint is cast to the model's dtype when it comes in. Disk stores write with
+safetensors (a tensor shared inside a block is written once per name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+STORAGES = ("cpu", "disk")
+_UID = "_fusegpt_uid"
+
+
+def _tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``block`` by qualified name (shared ones once per name)."""
+    out = {n: p for n, p in block.named_parameters(remove_duplicate=False)}
+    out.update({n: b for n, b in block.named_buffers(remove_duplicate=False) if b is not None})
+    return out
+
+
+def _assign(block: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = block.get_submodule(mod_name) if mod_name else block
+    if leaf in mod._parameters:
+        old = mod._parameters[leaf]
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        mod._buffers[leaf] = value
+
+
+class BlockOffloader:
+    """Keeps the decoder blocks of one model in a store; see the module doc.
+
+    ``storage``: ``"cpu"`` (tensors in host memory; the usual choice when the compute device is
+    a GPU) or ``"disk"`` (one safetensors file per block under ``folder``; a temporary folder
+    when not given, removed by :meth:`close`).
+    """
+
+    def __init__(self, device: str | torch.device, storage: str = "disk", folder: str | Path | None = None):
+        if storage not in STORAGES:
+            raise ValueError(f"offload storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+        self.device = torch.device(device)
+        self.storage = storage
+        self._own_folder = folder is None and storage == "disk"
+        self.folder = Path(tempfile.mkdtemp(prefix="fusegpt-offload-")) if self._own_folder else (
+            Path(folder).expanduser() if folder else None)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._mem: dict[int, dict[str, torch.Tensor]] = {}
+        self._files: dict[int, Path] = {}
+        self._sources: dict[int, dict[str, tuple[Path, str]]] = {}
+        self._source_dtype: torch.dtype | None = None
+        self._resident: dict[int, int] = {}  # uid -> nesting count
+        self._uids = itertools.count()
+        self.loads = 0  # blocks brought to the device so far (tests and logs)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def uid(self, block: nn.Module) -> int:
+        if not hasattr(block, _UID):
+            setattr(block, _UID, next(self._uids))
+        return getattr(block, _UID)
+
+    def is_resident(self, block: nn.Module) -> bool:
+        return self.uid(block) in self._resident
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self._mem.values() for t in d.values())
+
+    # ------------------------------------------------------------------ store
+    def _put(self, uid: int, tensors: dict[str, torch.Tensor]) -> None:
+        if self.storage == "cpu":
+            self._mem[uid] = {n: t.detach().to("cpu") for n, t in tensors.items()}
+        else:
+            from safetensors.torch import save_file
+
+            seen: set[int] = set()
+            flat = {}
+            for n, t in tensors.items():
+                t = t.detach().to("cpu").contiguous()
+                if t.data_ptr() in seen and t.numel():
+                    t = t.clone()
+                seen.add(t.data_ptr())
+                flat[n] = t
+            path = self.folder / f"block-{uid}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file(flat, str(tmp))
+            tmp.replace(path)
+            self._files[uid] = path
+        self._sources.pop(uid, None)
+
+    def _get(self, uid: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        if uid in self._mem:
+            return self._mem[uid]
+        from safetensors import safe_open
+
+        if uid in self._files:
+            out = {}
+            with safe_open(str(self._files[uid]), framework="pt", device="cpu") as f:
+                for n in f.keys():
+                    out[n] = f.get_tensor(n)
+            return out
+        if uid in self._sources:
+            src = self._sources[uid]
+            out = {}
+            by_file: dict[Path, list[str]] = {}
+            for n in names:
+                if n in src:
+                    by_file.setdefault(src[n][0], []).append(n)
+            for file, ns in by_file.items():
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for n in ns:
+                        t = f.get_tensor(src[n][1])
+                        out[n] = t.to(self._source_dtype) if self._source_dtype and t.is_floating_point() else t
+            return out
+        raise KeyError(f"block {uid} has no stored tensors")
+
+    def forget(self, keep: Iterable[nn.Module]) -> None:
+        """Drop the stored tensors of every block not in ``keep`` (after blocks were removed)."""
+        alive = {self.uid(b) for b in keep}
+        for uid in set(self._mem) | set(self._files) | set(self._sources):
+            if uid not in alive:
+                self._mem.pop(uid, None)
+                self._sources.pop(uid, None)
+                path = self._files.pop(uid, None)
+                if path is not None:
+                    path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ moving
+    def offload(self, block: nn.Module, write: bool = True) -> None:
+        """Store ``block`` (when ``write`` or never stored) and put its tensors on ``meta``."""
+        uid = self.uid(block)
+        if write or not (uid in self._mem or uid in self._files or uid in self._sources):
+            self._put(uid, _tensors(block))
+        for n, t in _tensors(block).items():
+            _assign(block, n, torch.empty_like(t, device="meta"))
+        self._resident.pop(uid, None)
+
+    def onload(self, block: nn.Module) -> None:
+        """Bring ``block``'s tensors onto the compute device."""
+        uid = self.uid(block)
+        if uid in self._resident:
+            return
+        names = _tensors(block)
+        stored = self._get(uid, names)
+        missing = [n for n, t in names.items() if n not in stored and t.is_meta]
+        if missing:
+            raise KeyError(f"stored block {uid} lacks {missing[:3]}")
+        for n, t in stored.items():
+            _assign(block, n, t.to(self.device, non_blocking=False))
+        self._resident[uid] = 0
+        self.loads += 1
+
+    @contextlib.contextmanager
+    def use(self, blocks: Iterable[nn.Module], write: bool = False) -> Iterator[None]:
+        """Keep ``blocks`` on the device inside the ``with``; written back on exit when ``write``."""
+        blocks = list(blocks)
+        mine = [b for b in blocks if not self.is_resident(b)]
+        for b in mine:
+            self.onload(b)
+        for b in blocks:
+            self._resident[self.uid(b)] += 1
+        try:
+            yield
+        finally:
+            for b in blocks:
+                uid = self.uid(b)
+                if uid in self._resident:
+                    self._resident[uid] -= 1
+            for b in mine:
+                self.offload(b, write=write)
+
+    def close(self) -> None:
+        if self._own_folder and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def offloader_of(model: nn.Module) -> BlockOffloader | None:
+    return getattr(model, "_fusegpt_offload", None)
+
+
+def attach(model: nn.Module, device: str | torch.device = "cpu", storage: str = "disk",
+           folder: str | Path | None = None) -> BlockOffloader:
+    """Offload every decoder block of a loaded ``model``; the rest goes to ``device``."""
+    from .models import get_adapter
+
+    if offloader_of(model) is not None:
+        raise ValueError("this model is already offloaded")
+    adapter = get_adapter(model)
+    off = BlockOffloader(device, storage, folder)
+    for block in adapter.layers:
+        off.offload(block, write=True)
+    moved: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+    for name, t in _tensors(model).items():  # non-block weights (blocks are on meta and stay there)
+        if not t.is_meta and t.device != off.device:
+            if id(t) not in moved:
+                moved[id(t)] = t.detach().to(off.device)
+            _assign(model, name, moved[id(t)])
+    model._fusegpt_offload = off
+    logger.info("offloaded %d blocks to %s (compute on %s)", adapter.num_layers, storage, off.device)
+    return off
+
+
+def _checkpoint_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a (sharded or single-file) checkpoint folder."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: path / v for k, v in wm.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors(.index.json); layer-wise loading needs safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt", device="cpu") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_offloaded(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   storage: str = "disk", folder: str | Path | None = None) -> nn.Module:
+    """Build the model of the checkpoint folder ``path`` without materialising its blocks.
+
+    The non-block weights are read to ``device``; each block is read from the checkpoint's own
+    safetensors files the first time it is used (and from the store after it is edited).
+    """
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as e:  # pragma: no cover - accelerate ships with the hub extra
+        raise ImportError("layer-wise loading needs accelerate: pip install 'fusegpt[hub]'") from e
+    import transformers
+    from safetensors import safe_open
+
+    from .models import get_adapter
+    from .models.registry import adapter_class
+
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    cls = adapter_class(config.model_type)
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    auto = getattr(transformers, cls.auto_class)
+    config._attn_implementation = cls.attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, attn_implementation=cls.attn_implementation)
+    model.to(dtype)
+    adapter = get_adapter(model)
+    files = _checkpoint_index(path)
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    block_prefix = {id(b): None for b in adapter.layers}
+    prefixes = {}
+    for name, mod in model.named_modules():
+        if id(mod) in block_prefix:
+            prefixes[id(mod)] = name + "."
+    off = BlockOffloader(device, storage, folder)
+    off._source_dtype = dtype
+    rest: dict[str, Path] = {}
+    for key, file in files.items():
+        if not any(key.startswith(p) for p in prefixes.values()):
+            rest[key] = file
+    for block in adapter.layers:
+        pre = prefixes[id(block)]
+        src = {k[len(pre):]: (f, k) for k, f in files.items() if k.startswith(pre)}
+        if not src:
+            raise KeyError(f"checkpoint {path} has no tensors for {pre.rstrip('.')}")
+        off._sources[off.uid(block)] = src
+    by_file: dict[Path, list[str]] = {}
+    for k, f in rest.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in keys:
+                if k not in names:
+                    logger.debug("checkpoint tensor %s is not in the model; ignored", k)
+                    continue
+                t = sf.get_tensor(k)
+                _assign(model, k, (t.to(dtype) if t.is_floating_point() else t).to(device))
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    still = [n for n, p in model.named_parameters() if p.is_meta and not any(n.startswith(p_) for p_ in prefixes.values())]
+    if still:
+        raise KeyError(f"checkpoint {path} lacks {still[:3]}")
+    model._fusegpt_offload = off
+    model.eval()
+    logger.info("loaded %s layer-wise: %d blocks stay on %s until used", path, adapter.num_layers, storage)
+    return model
+
+
+def save_offloaded(model: nn.Module, out: Path, max_shard_blocks: int = 1) -> None:
+    """Write ``model``'s weights as a sharded safetensors checkpoint, one block at a time.
+
+    Same tensor names as ``save_pretrained`` (tied weights written once), plus the config and
+    generation config, so stock ``from_pretrained`` loads the folder.
+    """
+    from safetensors.torch import save_file
+
+    from .models import get_adapter
+
+    off = offloader_of(model)
+    adapter = get_adapter(model)
+    prefixes = {id(m): n + "." for n, m in model.named_modules() if any(m is b for b in adapter.layers)}
+    weight_map: dict[str, str] = {}
+    total = 0
+    n_shards = adapter.num_layers + 1
+    written: set[int] = set()
+
+    def shard(i: int) -> str:
+        return f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+
+    for i, block in enumerate(adapter.layers):
+        with off.use([block]):
+            flat = {}
+            for n, t in block.state_dict().items():
+                flat[prefixes[id(block)] + n] = t.detach().to("cpu").contiguous()
+            save_file(flat, str(out / shard(i)), metadata={"format": "pt"})
+        for k, t in flat.items():
+            weight_map[k] = shard(i)
+            total += t.numel() * t.element_size()
+    rest = {}
+    block_keys = tuple(prefixes.values())
+    for k, t in model.state_dict(keep_vars=True).items():
+        if k.startswith(block_keys) or t.is_meta:
+            continue
+        if t.data_ptr() in written:  # tied (lm_head = embed_tokens): written once, like save_pretrained
+            continue
+        written.add(t.data_ptr())
+        rest[k] = t.detach().to("cpu").contiguous()
+        total += rest[k].numel() * rest[k].element_size()
+        weight_map[k] = shard(n_shards - 1)
+    save_file(rest, str(out / shard(n_shards - 1)), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    model.config.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)

@@ -1,0 +1,195 @@
+"""Layer-wise execution: an offloaded model gives the same scores, removals, weights and perplexity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusegpt import api
+from fusegpt.config import config_for
+from fusegpt.eval.perplexity import perplexity
+from fusegpt.importance import bi_scores, mi_scores
+from fusegpt.models import get_adapter
+from fusegpt.offload import attach, load_offloaded, offloader_of
+
+from .conftest import ALL_FAMILIES, ToyTokenizer, tiny_model
+
+RUN = dict(epochs=1, batch_size=2, ft_nsamples=4, ft_seqlen=16, group_size=4, lora_rank=4, nsamples=2, seqlen=16,
+           loss="mse")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "model", "block", "fusion"]
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (1500,), generator=g).tolist()))
+    return str(path)
+
+
+def _ids(n=3, t=24, seed=1):
+    return torch.randint(1, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _state(model):
+    off = offloader_of(model)
+    a = get_adapter(model)
+    if off is None:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    with a.using(range(a.num_layers)):
+        out = {k: v.clone() for k, v in model.state_dict().items()}
+    return out
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_blocks_live_in_the_store_and_come_in_when_used(storage, tmp_path):
+    model = tiny_model("llama")
+    ids = _ids()
+    ref = perplexity(model, ids.flatten(), 24)
+    off = attach(model, "cpu", storage, tmp_path / "store" if storage == "disk" else None)
+    a = get_adapter(model)
+    assert all(p.is_meta for p in a.layers.parameters())
+    assert not a.embed_tokens.weight.is_meta
+    if storage == "disk":
+        assert len(list((tmp_path / "store").glob("block-*.safetensors"))) == a.num_layers
+    got = perplexity(model, ids.flatten(), 24)
+    assert got == pytest.approx(ref, rel=1e-6)
+    assert off.loads == a.num_layers  # each block came in once for all windows
+    assert all(p.is_meta for p in a.layers.parameters())  # and went back out
+
+
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_scores_equal_resident(fam):
+    model = tiny_model(fam)
+    calib = _ids(2, 16)
+    a = get_adapter(model)
+    ref_mi, ref_bi = mi_scores(a, calib), bi_scores(a, calib)
+    attach(model, "cpu", "cpu")
+    torch.testing.assert_close(mi_scores(get_adapter(model), calib), ref_mi, rtol=0, atol=0)
+    torch.testing.assert_close(bi_scores(get_adapter(model), calib), ref_bi, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("mi", {}), ("sleb", {}), ("fusegpt", {"coef_rank": 4, "lr_base": 1e-3}), ("mi+ft", {"lr": 1e-3}),
+    ("slimgpt", {}),
+])
+def test_methods_give_the_same_model_offloaded(method, extra, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusegpt.checkpoint import load_pruned, save_pruned
+
+    settings = {"sparsity": 0.3, "calib_source": text_file, "nsamples": 2, "seqlen": 16, **extra}
+    if method in ("fusegpt", "mi+ft"):
+        settings.update({k: v for k, v in RUN.items()})
+    if method == "slimgpt":
+        settings["sparsity"] = 0.2
+    cfg = config_for(method, **settings)
+    ref, ref_rep = api.compress(tiny_model("llama"), ToyTokenizer(), cfg)
+    model = tiny_model("llama")
+    attach(model, "cpu", "disk", tmp_path / "store")
+    model, rep = api.compress(model, ToyTokenizer(), cfg)
+    assert rep.removed == ref_rep.removed
+    want, got = _state(ref), _state(model)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    ids = _ids()
+    out = save_pruned(model, ToyTokenizer(), tmp_path / "out", rep)
+    if method == "slimgpt":
+        stock, _ = load_pruned(out)
+    else:
+        assert (out / "model.safetensors.index.json").is_file()
+        stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_load_offloaded_reads_blocks_lazily(tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    lazy = load_offloaded(tmp_path / "ckpt", storage="disk", folder=tmp_path / "store")
+    a = get_adapter(lazy)
+    assert all(p.is_meta for p in a.layers.parameters())
+    assert lazy.lm_head.weight is a.embed_tokens.weight
+    assert not list((tmp_path / "store").glob("*.safetensors"))  # nothing copied until a block is edited
+    ids = _ids()
+    ref = perplexity(model, ids.flatten(), 24)
+    assert perplexity(lazy, ids.flatten(), 24) == pytest.approx(ref, rel=1e-6)
+
+
+def test_offload_refuses_resume(text_file, tmp_path):
+    model = tiny_model("llama")
+    attach(model, "cpu", "cpu")
+    cfg = config_for("fusegpt", sparsity=0.3, calib_source=text_file, state_dir=str(tmp_path / "st"), resume=True,
+                     **RUN)
+    with pytest.raises(ValueError, match="offload"):
+        api.compress(model, ToyTokenizer(), cfg)
+
+
+def test_estimate_layerwise_keeps_only_the_blocks_in_use():
+    from fusegpt.memory import estimate_for_run, plan_offload
+
+    model = tiny_model("llama", num_hidden_layers=12)
+    cfgs = [config_for("fusegpt", sparsity=0.25, group_size=4, ft_nsamples=4, ft_seqlen=16, max_terms=1)]
+    res = estimate_for_run(model, cfgs)
+    lw = estimate_for_run(model, cfgs, offload=True)
+    blocks = sum(p.numel() for p in get_adapter(model).layers.parameters()) * 4
+    assert res.weights - lw.weights == blocks
+    assert lw.total < res.total
+    assert plan_offload(model, cfgs, res.total + 1) is None
+    assert plan_offload(model, cfgs, (res.total + lw.total) // 2) == "disk"
+    with pytest.raises(MemoryError, match="layer-wise"):
+        plan_offload(model, cfgs, lw.total - 1)
+
+
+def test_cli_max_memory_switches_to_layerwise(tiny_checkpoint, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from fusegpt.cli import main
+    from fusegpt.memory import estimate_for_run
+
+    path, text = tiny_checkpoint
+    args = ["prune", "--model", str(path), "--method", "mi", "--sparsity", "0.34", "--calib", str(text),
+            "--nsamples", "2", "--seqlen", "16", "--no-eval"]
+    cfgs = [config_for("mi", sparsity=0.34, calib_source=str(text), nsamples=2, seqlen=16)]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    budget = (estimate_for_run(model, cfgs).total + estimate_for_run(model, cfgs, offload=True).total) // 2
+    assert main([*args, "--output", str(tmp_path / "resident")]) == 0
+    assert main([*args, "--output", str(tmp_path / "lw"), "--max-memory", f"{budget}b"]) == 0
+    assert "running layer-wise" in caplog.text
+    assert (tmp_path / "lw" / "model.safetensors.index.json").is_file()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "resident").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "lw").eval()
+    ids = torch.randint(1, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
+
+
+def test_cli_offload_flags(tiny_checkpoint, tmp_path, capsys):
+    from fusegpt.cli import main
+
+    path, text = tiny_checkpoint
+    base = ["prune", "--model", str(path), "--method", "fusegpt", "--sparsity", "0.2", "--calib", str(text),
+            "--nsamples", "2", "--seqlen", "16", "--no-eval", "--output", str(tmp_path / "o")]
+    assert main([*base, "--offload", "disk", "--device-map", "auto"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["eval", "--model", str(path), "--offload", "disk", "--tasks", "hellaswag"]) == 2
+    assert "cannot use --offload" in capsys.readouterr().err
+    assert main([*base, "--offload", "disk", "--resume"]) == 2
+    assert "--resume is not available" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    sets = ["--set", "epochs=1", "--set", "ft_nsamples=2", "--set", "ft_seqlen=16", "--set", "group_size=3",
+            "--set", "lora_rank=2", "--set", "coef_rank=2"]
+    assert main([*base, "--offload", "disk", "--offload-folder", str(tmp_path / "store"), *sets]) == 0
+    rep = __import__("json").loads((tmp_path / "o" / "report.json").read_text())
+    assert len(rep["removed"]) == 2
