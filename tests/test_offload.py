@@ -193,3 +193,69 @@ def test_cli_offload_flags(tiny_checkpoint, tmp_path, capsys):
     assert main([*base, "--offload", "disk", "--offload-folder", str(tmp_path / "store"), *sets]) == 0
     rep = __import__("json").loads((tmp_path / "o" / "report.json").read_text())
     assert len(rep["removed"]) == 2
+    assert not list((tmp_path / "store").glob("*.safetensors"))  # edited blocks cleaned up after saving
+
+
+def test_cli_device_map_through_accelerate(tiny_checkpoint, tmp_path):
+    """The accelerate path on CPU: a JSON device map places every module (one device here)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusegpt.cli import main
+
+    path, text = tiny_checkpoint
+    dm = tmp_path / "map.json"
+    dm.write_text('{"": "cpu"}')
+    args = ["prune", "--model", str(path), "--method", "mi", "--sparsity", "0.34", "--calib", str(text),
+            "--nsamples", "2", "--seqlen", "16", "--no-eval"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--device-map", str(dm)]) == 0
+    assert main([*args, "--output", str(tmp_path / "c"), "--device-map", "nonsense"]) == 2
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    ids = torch.randint(1, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
+
+
+def test_device_map_that_offloads_is_refused():
+    from fusegpt.loading import _check_device_map
+
+    model = tiny_model("llama")
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu"}
+    with pytest.raises(ValueError, match="--offload disk"):
+        _check_device_map(model)
+    model.hf_device_map = {"": "cpu"}
+    _check_device_map(model)
+
+
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_layerwise_checkpoint_reloads_in_stock_transformers(fam, text_file, tmp_path):
+    from fusegpt.checkpoint import save_pruned
+
+    from .conftest import load_stock
+
+    cfg = config_for("mi", sparsity=0.34, calib_source=text_file, nsamples=2, seqlen=16)
+    ref, _ = api.compress(tiny_model(fam), ToyTokenizer(), cfg)
+    model = tiny_model(fam)
+    attach(model, "cpu", "disk")
+    model, rep = api.compress(model, ToyTokenizer(), cfg)
+    out = save_pruned(model, None, tmp_path / "out", rep)
+    stock = load_stock(out, fam)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_cli_eval_layerwise_and_dtype(tiny_checkpoint, capsys):
+    import json
+
+    from fusegpt.cli import main
+
+    path, text = tiny_checkpoint
+    base = ["eval", "--model", str(path), "--data", str(text), "--seqlen", "32", "--max-tokens", "256", "--json"]
+    res = {}
+    for name, extra in {"fp32": [], "lw": ["--offload", "disk"], "bf16": ["--offload", "cpu", "--dtype", "bfloat16"]}.items():
+        assert main([*base, *extra]) == 0
+        res[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"][str(text)]
+    assert res["lw"] == pytest.approx(res["fp32"], rel=1e-6)
+    assert res["bf16"] == pytest.approx(res["fp32"], rel=0.05) and res["bf16"] != res["fp32"]

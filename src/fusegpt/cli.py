@@ -133,6 +133,8 @@ def cmd_prune(args) -> int:
                                  eval_config=eval_cfg)
     save_pruned(model, tok, out, report, overwrite=args.overwrite)
     _clear_run_state(configs, out)
+    if getattr(model, "_fusegpt_offload", None) is not None:
+        model._fusegpt_offload.close()  # the edited blocks are in the output now
     rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
     for src in (eval_cfg.data if eval_cfg else ()):
         rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
@@ -172,8 +174,15 @@ def _load(args, offload: str | None):
     if offload and args.device_map:
         raise UsageError("--offload and --device-map exclude each other: offload runs layer-wise on one device, "
                          "a device map spreads the model over several")
-    return load_model(args.model, device=args.device, offload=offload, offload_folder=args.offload_folder,
-                      device_map=_device_map(args.device_map))
+    return load_model(args.model, dtype=_dtype(args), device=args.device, offload=offload,
+                      offload_folder=args.offload_folder, device_map=_device_map(args.device_map))
+
+
+def _dtype(args):
+    import torch
+
+    name = getattr(args, "dtype", "auto")
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _check_memory(args, configs, eval_cfg) -> str | None:
@@ -188,7 +197,7 @@ def _check_memory(args, configs, eval_cfg) -> str | None:
         return args.offload
     try:
         return plan_offload(AutoConfig.from_pretrained(path), configs, parse_size(args.max_memory), args.device,
-                            eval_cfg, offload=args.offload)
+                            eval_cfg, offload=args.offload, dtype=_dtype(args))
     except MemoryError as e:
         raise UsageError(str(e)) from None
 
@@ -237,6 +246,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local folder, hub id (owner/name) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA (Hessians, merges and trained "
+                        "parameters are float32 whatever this says)")
     p.add_argument("--offload", choices=("cpu", "disk"), default=None,
                    help="layer-wise execution: keep the decoder blocks in host memory (cpu) or on disk and bring each "
                         "onto --device only while it is used (models larger than device memory)")

@@ -214,16 +214,16 @@ def check_budget(estimate: MemoryEstimate, budget: int | str) -> None:
 
 
 def estimate_for_run(model_or_config, configs: Sequence, device: str = "cpu", eval_config=None,
-                     offload: bool = False) -> MemoryEstimate:
+                     offload: bool = False, dtype: torch.dtype | None = None) -> MemoryEstimate:
     """:func:`estimate_memory` with the dtype fusegpt loads in on ``device`` (fp32 on CPU, bf16 on CUDA)."""
     kind = torch.device(device).type
-    dtype = torch.float32 if kind == "cpu" else torch.bfloat16
+    dtype = dtype or (torch.float32 if kind == "cpu" else torch.bfloat16)
     return estimate_memory(model_or_config, configs, dtype=dtype, device_type=kind, eval_config=eval_config,
                            offload=offload)
 
 
 def plan_offload(model_or_config, configs: Sequence, budget: int | str, device: str = "cpu", eval_config=None,
-                 offload: str | None = None) -> str | None:
+                 offload: str | None = None, dtype: torch.dtype | None = None) -> str | None:
     """Honour a memory ``budget``: the offload storage to use (None: all resident), or MemoryError.
 
     With ``offload`` already chosen the layer-wise estimate must fit. Otherwise the model stays
@@ -231,9 +231,9 @@ def plan_offload(model_or_config, configs: Sequence, budget: int | str, device: 
     fits, the error gives both figures.
     """
     limit = parse_size(budget) if isinstance(budget, str) else int(budget)
-    layerwise = estimate_for_run(model_or_config, configs, device, eval_config, offload=True)
+    layerwise = estimate_for_run(model_or_config, configs, device, eval_config, offload=True, dtype=dtype)
     if offload is None:
-        resident = estimate_for_run(model_or_config, configs, device, eval_config)
+        resident = estimate_for_run(model_or_config, configs, device, eval_config, dtype=dtype)
         if resident.total <= limit:
             logger.info("memory estimate %s within the budget of %s", resident.describe(), format_size(limit))
             return None

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class BlockOffloader:
             Path(folder).expanduser() if folder else None)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+        if self._own_folder:  # a temporary store goes when the offloader does (or at exit)
+            weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._files: dict[int, Path] = {}
         self._sources: dict[int, dict[str, tuple[Path, str]]] = {}
@@ -197,6 +200,10 @@ class BlockOffloader:
                 self.offload(b, write=write)
 
     def close(self) -> None:
+        """Delete the block files this offloader wrote (and its folder, when temporary)."""
+        for path in self._files.values():
+            path.unlink(missing_ok=True)
+        self._files.clear()
         if self._own_folder and self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
