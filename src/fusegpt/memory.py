@@ -19,8 +19,8 @@ query heads, ``V`` vocabulary, ``P_blk`` parameters per block:
   weights and their gradients ``2·(g−1)·P_blk·4``; autograd activations ``(g−1)·act(B_ft, T_ft)``
   in fp32;
 * **SlimGPT** (width): hidden states of all calibration windows, twice while a block is replaced,
-  ``2·N·T·h·b``; the Hessian of the widest pruned input (``max(H·d, I)²``) with its inverse and
-  Cholesky factor, ``3·max(H·d, I)²·4``; one block's activations;
+  ``2·N·T·h·b``; the Hessian of the widest pruned input (``max(H·d, I)²``) in fp32, with its
+  fp64 copy and Cholesky factor while it is inverted, ``5·max(H·d, I)²·4``; one block's activations;
 * **perplexity** (when the run evaluates): fp32 logits and log-softmax ``2·B_e·T_e·V·4`` plus one
   block's activations.
 
@@ -185,7 +185,8 @@ def estimate_memory(model_or_config, configs, dtype: torch.dtype = torch.float32
             est.steps[name] = {
                 "resident blocks": blk,
                 "cached states": 0 if name == "magnitude" else 2 * cal.nsamples * cal.seqlen * g.hidden * b,
-                "Hessian": 0 if name == "magnitude" else 3 * widest * widest * 4,
+                # fp32 H + its fp64 copy and Cholesky factor at the peak of the inverse
+                "Hessian": 0 if name == "magnitude" else 5 * widest * widest * 4,
                 "activations": _act(g, getattr(cfg, "batch_size", 1), cal.seqlen, b, scores=sc),
             }
         else:  # block scorers

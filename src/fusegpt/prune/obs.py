@@ -89,9 +89,9 @@ class OBSLayer:
         if self.nsamples == 0:
             raise HessianError(f"{self.name}: no calibration inputs were collected; check the calibration data")
         H = self.H.double()
-        damp = self.percdamp * float(torch.diagonal(H).mean())
-        H = H + damp * torch.eye(self.columns, dtype=H.dtype, device=H.device)
+        H.diagonal().add_(self.percdamp * float(torch.diagonal(H).mean()))  # in place: no n×n fp64 identity
         L, info = torch.linalg.cholesky_ex(H)
+        del H
         if int(info) != 0 or not bool(torch.isfinite(L).all()):
             raise HessianError(
                 f"the Hessian of {self.name} is not positive definite after dampening with percdamp="
