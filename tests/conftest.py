@@ -209,3 +209,13 @@ def bpe_tokenizer():
     tk.train_from_iterator([BPE_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|im_end|>")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A local calibration text (1,500 seeded words) for the tiny models, as a path string."""
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "pruning", "model", "block", "fusion"]
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (1500,), generator=g).tolist()))
+    return str(path)

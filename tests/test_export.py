@@ -73,6 +73,31 @@ def test_round_trip_f16_and_tied_head(tmp_path, bpe_tokenizer):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=5e-3)
 
 
+def test_round_trip_qwen2_with_biases(tmp_path, bpe_tokenizer):
+    import gguf
+
+    from fusegpt.export import ExportError, export_gguf
+
+    model = tiny_model("qwen2", vocab_size=300, use_sliding_window=False)
+    a = get_adapter(model)
+    with torch.no_grad():  # make the q/k/v biases matter
+        for block in a.layers:
+            for role in ("q_proj", "k_proj", "v_proj"):
+                a.linear_roles(block)[role].bias.normal_(0, 0.5)
+    remove_blocks(a, [2])
+    out = export_gguf(model, bpe_tokenizer, tmp_path / "q.gguf")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["qwen2.block_count"].contents() == 5
+    back, _ = _reload(out)
+    assert back.config.model_type == "qwen2"
+    ids = bpe_tokenizer(SAMPLE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ExportError, match="sliding"):
+        export_gguf(tiny_model("qwen2", vocab_size=300), None, tmp_path / "sw.gguf")
+
+
 def test_refusals(tmp_path, bpe_tokenizer):
     from fusegpt.export import ExportError, export_gguf
     from fusegpt.prune.width import apply_head_pruning

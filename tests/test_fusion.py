@@ -183,15 +183,6 @@ TINY_RUN = dict(sparsity=0.3, epochs=2, batch_size=2, ft_nsamples=4, ft_seqlen=1
                 coef_rank=4, nsamples=2, seqlen=16, loss="mse", lr_base=1e-3)
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "model", "block", "fusion"]
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (1500,), generator=g).tolist()))
-    return str(path)
-
-
 def _run(model, text_file, method="fusegpt", **kw):
     settings = {**TINY_RUN, "calib_source": text_file, **kw}
     if method == "mi+ft":

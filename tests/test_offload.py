@@ -18,21 +18,7 @@ RUN = dict(epochs=1, batch_size=2, ft_nsamples=4, ft_seqlen=16, group_size=4, lo
            loss="mse")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "model", "block", "fusion"]
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (1500,), generator=g).tolist()))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ids(n=3, t=24, seed=1):

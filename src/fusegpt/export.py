@@ -1,8 +1,11 @@
-"""GGUF export of block-pruned and fused LLaMA-family models, for llama.cpp-based runtimes.
+"""GGUF export of block-pruned and fused LLaMA-family and Qwen2 models, for llama.cpp-based runtimes.
 
 :func:`export_gguf` writes a model (a ``LlamaForCausalLM`` or ``MistralForCausalLM``: SmolLM2,
 LLaMA-1/2/3, Mistral, after ShortGPT/SLEB/MI/FuseGPT; fused layers must already be merged, as
-every fusegpt checkpoint is) with the ``gguf`` package, architecture ``llama``:
+every fusegpt checkpoint is) with the ``gguf`` package, architecture ``llama``; a
+``Qwen2ForCausalLM`` goes to architecture ``qwen2`` the same way, with its q/k/v biases
+(``blk.N.attn_q.bias`` …) and without the Q/K permutation (llama.cpp runs Qwen2's rotary in the
+HF layout):
 
 * metadata: ``llama.block_count`` (the pruned depth), ``context_length``, ``embedding_length``,
   ``feed_forward_length``, ``attention.head_count`` / ``head_count_kv``,
@@ -21,7 +24,8 @@ every fusegpt checkpoint is) with the ``gguf`` package, architecture ``llama``:
 
 Refused with a clear error: other families (their GGUF architectures differ), width-pruned models
 (GGUF ``llama`` holds one head count and FFN width for all layers), rope scaling other than the
-default, attention or MLP biases, SentencePiece (``▁``) tokenizers.
+default, biases other than Qwen2's q/k/v, Qwen2 with ``use_sliding_window``, SentencePiece (``▁``)
+tokenizers.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from .models import get_adapter
 
 logger = logging.getLogger(__name__)
 
-GGUF_FAMILIES = ("llama", "mistral")  # model types written as GGUF architecture "llama"
+# model type -> (GGUF architecture, Q/K rows permuted to llama.cpp's rotary layout, q/k/v biases written)
+GGUF_ARCHS = {"llama": ("llama", True, False), "mistral": ("llama", True, False), "qwen2": ("qwen2", False, True)}
+GGUF_FAMILIES = tuple(GGUF_ARCHS)
 DTYPES = ("f32", "f16")
 
 
@@ -80,8 +86,9 @@ def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ExportError` unless ``model`` can be written as GGUF architecture ``llama``."""
     config = model.config
     if config.model_type not in GGUF_FAMILIES:
-        raise ExportError(f"GGUF export supports model types {', '.join(GGUF_FAMILIES)} (GGUF architecture "
-                          f"'llama'); this model is {config.model_type!r}")
+        raise ExportError(f"GGUF export supports model types {', '.join(GGUF_FAMILIES)} (GGUF architectures "
+                          f"'llama', 'qwen2'); this model is {config.model_type!r}")
+    arch, _, qkv_bias = GGUF_ARCHS[config.model_type]
     if getattr(config, "fusegpt_widths", None):
         raise ExportError("width-pruned models cannot be exported to GGUF 'llama' (one width for all layers)")
     a = get_adapter(model)
@@ -89,8 +96,10 @@ def check_exportable(model: nn.Module) -> None:
         roles = a.linear_roles(block)
         if any(type(m) is not nn.Linear for m in roles.values()):
             raise ExportError(f"block {i} has unmerged fused layers; merge them first (fusegpt checkpoints are merged)")
-        if any(m.bias is not None for m in roles.values()):
-            raise ExportError("attention/MLP biases are not exported to GGUF 'llama'")
+        allowed = ("q_proj", "k_proj", "v_proj") if qkv_bias else ()
+        if any(m.bias is not None for role, m in roles.items() if role not in allowed):
+            raise ExportError(f"biases on {', '.join(r for r, m in roles.items() if m.bias is not None)} are not "
+                              f"exported to GGUF '{arch}'")
         geometry = (a.num_heads(block), a.num_kv_heads(block), a.intermediate_size(block))
         expected = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
         if geometry != expected:
@@ -98,6 +107,8 @@ def check_exportable(model: nn.Module) -> None:
                               "width-pruned models cannot be exported to GGUF 'llama'")
     _rope_theta(config)
     window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise ExportError("Qwen2 with use_sliding_window=True is not exported: GGUF 'qwen2' has no sliding window")
     if config.model_type == "mistral" and window and window < config.max_position_embeddings:
         logger.warning("GGUF 'llama' has no sliding window: beyond %d tokens llama.cpp attends to the full context",
                        window)
@@ -174,14 +185,24 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(gguf name, tensor)`` in llama.cpp's order and layout."""
     a = get_adapter(model)
     cfg = model.config
+    _, permute, _ = GGUF_ARCHS[cfg.model_type]
+
+    def qk(w: torch.Tensor, n: int) -> torch.Tensor:
+        return permute_rotary(w, n) if permute else w
+
     out = [("token_embd.weight", a.embed_tokens.weight)]
     for i, block in enumerate(a.layers):
         r = a.linear_roles(block)
         out += [
             (f"blk.{i}.attn_norm.weight", block.input_layernorm.weight),
-            (f"blk.{i}.attn_q.weight", permute_rotary(r["q_proj"].weight, a.num_heads(block))),
-            (f"blk.{i}.attn_k.weight", permute_rotary(r["k_proj"].weight, a.num_kv_heads(block))),
+            (f"blk.{i}.attn_q.weight", qk(r["q_proj"].weight, a.num_heads(block))),
+            (f"blk.{i}.attn_k.weight", qk(r["k_proj"].weight, a.num_kv_heads(block))),
             (f"blk.{i}.attn_v.weight", r["v_proj"].weight),
+        ]
+        for role, short in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+            if r[role].bias is not None:  # qwen2 (biases are refused for 'llama' by check_exportable)
+                out.append((f"blk.{i}.attn_{short}.bias", r[role].bias))
+        out += [
             (f"blk.{i}.attn_output.weight", r["o_proj"].weight),
             (f"blk.{i}.ffn_norm.weight", block.post_attention_layernorm.weight),
             (f"blk.{i}.ffn_gate.weight", r["gate_proj"].weight),
@@ -217,7 +238,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
     writer_dtype = np.float16 if dtype == "f16" else np.float32
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), GGUF_ARCHS[cfg.model_type][0])
     try:
         writer.add_name(name or getattr(cfg, "_name_or_path", None) or "fusegpt-pruned")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
@@ -239,7 +260,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
             logger.warning("no tokenizer: the GGUF file holds weights only (llama.cpp needs a tokenizer to serve it)")
         for tname, t in _tensors(model):
             arr = t.detach().float().cpu().numpy()
-            writer.add_tensor(tname, arr.astype(writer_dtype if arr.ndim == 2 else np.float32))
+            writer.add_tensor(tname, arr.astype(writer_dtype if arr.ndim == 2 else np.float32))  # 1-D stay f32
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
