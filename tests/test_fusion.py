@@ -296,6 +296,31 @@ def test_divergence_retry_then_fallback(text_file, monkeypatch):
         torch.testing.assert_close(model(ids).logits, plain(ids).logits)
 
 
+def test_revert_if_worse_keeps_plain_removal(text_file, monkeypatch):
+    """A group whose loss did not fall is undone under revert_if_worse, and only then."""
+    real = fusion.eval_loss
+    calls = {"n": 0}
+
+    def worse_after(*a, **kw):  # every second call (the one after training) reports a higher loss
+        calls["n"] += 1
+        return real(*a, **kw) + (1.0 if calls["n"] % 2 == 0 else 0.0)
+
+    monkeypatch.setattr(fusion, "eval_loss", worse_after)
+    _, kept = _run(tiny_model("llama"), text_file)
+    assert all(it["worse"] and it["fused"] and not it["reverted"] for it in kept.steps[0].iterations)
+    calls["n"] = 0
+    ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    model, report = _run(tiny_model("llama"), text_file, revert_if_worse=True)
+    step = report.steps[0]
+    assert step.details["fallbacks"] == report.removed
+    assert all(it["reverted"] and not it["fused"] for it in step.iterations)
+    assert all(g["loss_end"] is not None for g in step.details["groups"])
+    plain = tiny_model("llama")
+    get_adapter(plain).keep_layers([i for i in range(6) if i not in report.removed])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)
+
+
 def test_cli_prune_fusegpt_and_resume(tiny_checkpoint, tmp_path, monkeypatch):
     from fusegpt.cli import main
 

@@ -200,6 +200,10 @@ class GroupTrainConfig(BlockPruneConfig):
     values. ``ft_*``: the fine-tuning set (default: the calibration source, same seed).
     ``state_dir``/``resume``: per-block state for ``--resume`` after an interruption.
     ``amp_dtype``: ``auto`` (the model's dtype, autocast on CUDA), ``bf16``, ``fp16``, ``fp32``.
+    ``revert_if_worse``: after a group is trained, measure its loss again; if it is not below the
+    loss before training, undo the training and keep the plain removal for that block (listed in
+    the report's ``fallbacks``). Not in the paper (off in both presets); measured in
+    benchmarks/RESULTS.md §2.
     """
 
     preset: str | None = None
@@ -218,6 +222,7 @@ class GroupTrainConfig(BlockPruneConfig):
     amp_dtype: str = "auto"
     state_dir: str | None = None
     resume: bool = False
+    revert_if_worse: bool = False
 
     _own_keys: ClassVar[tuple[str, ...]] = ("group_size", "lora_rank", "epochs", "batch_size", "loss",
                                             "ft_nsamples", "ft_seqlen")

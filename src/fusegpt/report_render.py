@@ -255,7 +255,8 @@ def render_run(d: dict[str, Any], page: Path, widths_config: dict[str, Any] | No
             lines += [f"![fusion loss]({png.name})", ""]
             fb = step.get("details", {}).get("fallbacks")
             if fb:
-                lines += [f"Groups that fell back (diverged): {fb}.", ""]
+                lines += [f"Groups that fell back to plain removal (diverged, or not better with "
+                          f"revert_if_worse): {fb}.", ""]
         w = layer_widths(step, None)
         if w:
             png = plot_widths(w, page.parent / f"{tag}_widths.png", f"{step['method']}: per-layer widths")

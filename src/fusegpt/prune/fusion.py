@@ -157,9 +157,14 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             q.grad = None
         for q, dt in zip(norms, norm_dtypes, strict=True):
             q.data = q.data.to(dt)
+    failed = res.diverged
+    if not res.diverged:
+        info["loss_end"] = eval_loss(adapter, student, inputs, targets, r["loss"], bs)
+        info["worse"] = info["loss_end"] >= info["loss_start"]
+        failed = cfg.revert_if_worse and info["worse"]
     info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
-                fused=fuse and not res.diverged, diverged=res.diverged)
-    if res.diverged:
+                fused=fuse and not failed, diverged=res.diverged, reverted=failed and not res.diverged)
+    if failed:
         with torch.no_grad():
             for q, v in zip((*lora, *coef, *norms), snapshot, strict=True):
                 q.data = v.to(q.dtype)
@@ -167,7 +172,8 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             if isinstance(mod, FusedLinear):
                 mod.terms = nn.ModuleList(list(mod.terms)[:n_terms])
             adapter.set_linear(adapter.layers[j], role, mod)
-        logger.warning("training diverged for block %d; kept the plain removal for it", adapter.origin[p])
+        why = "diverged" if res.diverged else f"did not lower the loss ({info['loss_start']:.4g} -> {info['loss_end']:.4g})"
+        logger.warning("training %s for block %d; kept the plain removal for it", why, adapter.origin[p])
     elif fuse and r.get("max_terms"):
         for fl in fused:
             fl.merge_oldest(r["max_terms"])
@@ -184,7 +190,7 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
     calib_cfg = r["calib"]
     settings = {k2: (v.__dict__ if k2 == "calib" else v) for k2, v in r.items()}
     settings.update({f: getattr(cfg, f) for f in ("sparsity", "early_barrier", "latter_barrier", "train_norms",
-                                                  "max_retries", "retry_lr_factor", "amp_dtype")})
+                                                  "max_retries", "retry_lr_factor", "amp_dtype", "revert_if_worse")})
     settings["method"] = cfg.method
     step.config.update({k2: v for k2, v in settings.items() if k2 != "method"})
     if adapter.device.type == "cpu" and r["preset"] == "paper":
@@ -220,11 +226,13 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
             removed = remove_blocks(adapter, [p])
             step.add_iteration(by_origin, removed, **info)
             step.details["groups"].append({"removed": removed[0], "group": info["group"],
-                                           "loss_start": info["loss_start"], "loss_per_epoch": info["loss_per_epoch"]})
-            if info["diverged"]:
+                                           "loss_start": info["loss_start"], "loss_per_epoch": info["loss_per_epoch"],
+                                           "loss_end": info.get("loss_end")})
+            if info["diverged"] or info.get("reverted"):
                 step.details["fallbacks"].append(removed[0])
-            logger.info("%s removed block %d (group %s), loss %.4g -> %s", cfg.method, removed[0], info["group"],
-                        info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]])
+            logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s", cfg.method, removed[0],
+                    info["group"], info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]],
+                    f"{info['loss_end']:.4g}" if "loss_end" in info else "-")
             if state_dir is not None:
                 save_state(state_dir, adapter, step, it + 1, settings)
             _after_iteration(it)
