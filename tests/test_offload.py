@@ -113,13 +113,33 @@ def test_load_offloaded_reads_blocks_lazily(tmp_path):
     assert perplexity(lazy, ids.flatten(), 24) == pytest.approx(ref, rel=1e-6)
 
 
-def test_offload_refuses_resume(text_file, tmp_path):
+def test_layerwise_resume_after_kill(text_file, tmp_path, monkeypatch):
+    """A layer-wise FuseGPT run killed after block 2 resumes to the uninterrupted run's model."""
+    from fusegpt.prune import fusion
+
+    kw = dict(sparsity=0.5, calib_source=text_file, **RUN, coef_rank=4, lr_base=1e-3)
+    ref, ref_rep = api.compress(tiny_model("llama"), ToyTokenizer(), config_for("fusegpt", **kw))
+    state = tmp_path / "state"
+
+    def kill(it):
+        if it == 1:
+            raise KeyboardInterrupt("killed after the 2nd block")
+
+    monkeypatch.setattr(fusion, "_after_iteration", kill)
     model = tiny_model("llama")
-    attach(model, "cpu", "cpu")
-    cfg = config_for("fusegpt", sparsity=0.3, calib_source=text_file, state_dir=str(tmp_path / "st"), resume=True,
-                     **RUN)
-    with pytest.raises(ValueError, match="offload"):
-        api.compress(model, ToyTokenizer(), cfg)
+    attach(model, "cpu", "disk")
+    with pytest.raises(KeyboardInterrupt):
+        api.compress(model, ToyTokenizer(), config_for("fusegpt", state_dir=str(state), **kw))
+    assert (state / "blocks" / "0.pt").is_file()
+    monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
+    model = tiny_model("llama")
+    attach(model, "cpu", "disk")
+    model, rep = api.compress(model, ToyTokenizer(), config_for("fusegpt", state_dir=str(state), resume=True, **kw))
+    assert rep.removed == ref_rep.removed and len(rep.steps[0].iterations) == 3
+    want, got = _state(ref), _state(model)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
 
 
 def test_estimate_layerwise_keeps_only_the_blocks_in_use():
@@ -171,8 +191,6 @@ def test_cli_offload_flags(tiny_checkpoint, tmp_path, capsys):
     assert "exclude each other" in capsys.readouterr().err
     assert main(["eval", "--model", str(path), "--offload", "disk", "--tasks", "hellaswag"]) == 2
     assert "cannot use --offload" in capsys.readouterr().err
-    assert main([*base, "--offload", "disk", "--resume"]) == 2
-    assert "--resume is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     sets = ["--set", "epochs=1", "--set", "ft_nsamples=2", "--set", "ft_seqlen=16", "--set", "group_size=3",
             "--set", "lora_rank=2", "--set", "coef_rank=2"]

@@ -119,9 +119,6 @@ def cmd_prune(args) -> int:
     offload = args.offload
     if getattr(args, "max_memory", None):
         offload = _check_memory(args, configs, eval_cfg)
-    if offload and args.resume:
-        raise UsageError("--resume is not available with layer-wise offloading yet (--offload or a --max-memory that "
-                         "needs it); resume without them")
     model, tok = _load(args, offload)
     api._load_method_plugins()
     api.check_plan(model, configs)

@@ -196,11 +196,6 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
     if adapter.device.type == "cpu" and r["preset"] == "paper":
         logger.warning("the paper preset on a CPU takes hours even for small models; try preset='cpu'")
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
-    if adapter.offloader is not None and cfg.resume:
-        raise ValueError("--resume is not available with layer-wise offloading yet; run without --offload to resume")
-    if adapter.offloader is not None and state_dir is not None:
-        logger.warning("layer-wise run: the per-block run state is not saved (resume needs a resident run)")
-        state_dir = None
     calib = calibration_windows(tokenizer, calib_cfg.source, calib_cfg.nsamples, calib_cfg.seqlen, seed)
     ft = calibration_windows(tokenizer, r["ft_source"], r["ft_nsamples"], r["ft_seqlen"], seed)
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}

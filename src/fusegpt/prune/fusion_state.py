@@ -3,7 +3,9 @@
 After each removed block the state folder (``state_dir``, the CLI uses ``<output>.state/<method>``)
 holds ``state.json`` (settings, blocks kept, the structure of every fused layer, the report so
 far) and ``model.pt`` (the model's state dict, fused terms included; tensors shared between
-layers stay shared). It is written atomically, so a kill leaves the previous state intact.
+layers stay shared). A layer-wise (offloaded) run writes the non-block weights to ``model.pt``
+and each block to ``blocks/<i>.pt`` instead. It is written atomically, so a kill leaves the
+previous state intact.
 """
 
 from __future__ import annotations
@@ -49,11 +51,32 @@ def save_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, done
     }
 
     def write(tmp: Path) -> None:
-        torch.save(adapter.model.state_dict(), tmp / "model.pt")
+        if adapter.offloader is None:
+            torch.save(adapter.model.state_dict(), tmp / "model.pt")
+        else:  # layer-wise: the non-block weights, then one file per block, each brought in once
+            torch.save({k: v for k, v in adapter.model.state_dict().items() if not v.is_meta}, tmp / "model.pt")
+            (tmp / "blocks").mkdir()
+            for i, block in enumerate(adapter.layers):
+                with adapter.using([i]):
+                    torch.save(block.state_dict(), tmp / "blocks" / f"{i}.pt")
         (tmp / "state.json").write_text(json.dumps(payload, indent=1) + "\n")
 
     atomic_write_dir(path, write, overwrite=True)
     logger.info("saved run state after %d block(s) to %s", done, path)
+
+
+def _restore_fused(adapter: DecoderAdapter, block, roles: dict[str, dict], sd: dict[str, torch.Tensor]) -> None:
+    """Give ``block`` the fused layers of ``roles`` (their specs), with the terms' frozen weights from
+    ``sd`` (the block's own state dict); the trainable values are loaded afterwards."""
+    names = {id(m): n for n, m in block.named_modules()}
+    for role, spec in roles.items():
+        lin = adapter.linear_roles(block)[role]
+        name = names[id(lin)]
+        fl = FusedLinear.from_linear(lin, spec["lora_rank"])
+        adapter.set_linear(block, role, fl)
+        for m, rank in enumerate(spec["terms"]):
+            key = f"{name}.terms.{m}."
+            fl.terms.append(FusionTerm(sd[key + "fused_weight"], rank, sd.get(key + "fused_bias"), init=False))
 
 
 def has_state(path: str | Path | None) -> bool:
@@ -80,23 +103,25 @@ def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, sett
     keep = [origin.index(o) for o in payload["origin"]]
     adapter.keep_layers(keep)
     sd = torch.load(path / "model.pt", map_location=adapter.device, weights_only=True)
-    names = {}
-    for i_str, roles in payload["spec"].items():
-        block = adapter.layers[int(i_str)]
-        for role, spec in roles.items():
-            fl = FusedLinear.from_linear(adapter.linear_roles(block)[role], spec["lora_rank"])
-            adapter.set_linear(block, role, fl)
-            names[id(fl)] = (fl, spec)
-    for name, mod in adapter.model.named_modules():
-        if id(mod) not in names:
-            continue
-        fl, spec = names[id(mod)]
-        for m, rank in enumerate(spec["terms"]):
-            key = f"{name}.terms.{m}."
-            bias = sd.get(key + "fused_bias")
-            term = FusionTerm(sd[key + "fused_weight"], rank, bias, init=False)
-            fl.terms.append(term)
-    missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
+    spec = payload["spec"]
+    if adapter.offloader is None:
+        prefixes = {id(m): n + "." for n, m in adapter.model.named_modules()}
+        for i, block in enumerate(adapter.layers):
+            pre = prefixes[id(block)]
+            _restore_fused(adapter, block, spec.get(str(i), {}), {k[len(pre):]: v for k, v in sd.items()
+                                                                  if k.startswith(pre)})
+        missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
+    else:
+        missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
+        block_keys = tuple(n + "." for n, m in adapter.model.named_modules() if any(m is b for b in adapter.layers))
+        missing = [k for k in missing if not k.startswith(block_keys)]
+        for i, block in enumerate(adapter.layers):
+            sd_b = torch.load(path / "blocks" / f"{i}.pt", map_location=adapter.device, weights_only=True)
+            with adapter.using([i], write=True):
+                _restore_fused(adapter, block, spec.get(str(i), {}), sd_b)
+                m_b, u_b = block.load_state_dict(sd_b, strict=False)
+            missing += m_b
+            unexpected += u_b
     if missing or unexpected:
         raise ValueError(f"run state in {path} does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); delete it and start again")
