@@ -263,3 +263,20 @@ def test_cli_eval_layerwise_and_dtype(tiny_checkpoint, capsys):
         res[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"][str(text)]
     assert res["lw"] == pytest.approx(res["fp32"], rel=1e-6)
     assert res["bf16"] == pytest.approx(res["fp32"], rel=0.05) and res["bf16"] != res["fp32"]
+
+
+def test_offload_drops_fused_caches():
+    from torch import nn
+
+    from fusegpt.prune.fused_linear import FusedLinear
+
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    block = a.layers[0]
+    fl = FusedLinear.from_linear(a.linear_roles(block)["q_proj"], 2)
+    a.set_linear(block, "q_proj", fl)
+    off = attach(model, "cpu", "cpu")
+    with off.use([block]), torch.no_grad():
+        fl(torch.randn(1, 3, fl.in_features))
+        assert fl._cache is not None
+    assert fl._cache is None and isinstance(fl.lora_A, nn.Parameter) and fl.lora_A.is_meta

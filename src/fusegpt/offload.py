@@ -159,6 +159,10 @@ class BlockOffloader:
     def offload(self, block: nn.Module, write: bool = True) -> None:
         """Store ``block`` (when ``write`` or never stored) and put its tensors on ``meta``."""
         uid = self.uid(block)
+        for m in block.modules():  # caches derived from the weights (FusedLinear) would outlive them
+            clear = getattr(m, "clear_cache", None)
+            if callable(clear):
+                clear()
         if write or not (uid in self._mem or uid in self._files or uid in self._sources):
             self._put(uid, _tensors(block))
         for n, t in _tensors(block).items():

@@ -166,6 +166,10 @@ class FusedLinear(nn.Module):
                 b = b + db
         return b
 
+    def clear_cache(self) -> None:
+        """Drop the cached effective weight (no-grad forwards rebuild it; offloading calls this)."""
+        self._cache = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             self._cache = None
