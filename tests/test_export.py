@@ -98,6 +98,47 @@ def test_round_trip_qwen2_with_biases(tmp_path, bpe_tokenizer):
         export_gguf(tiny_model("qwen2", vocab_size=300), None, tmp_path / "sw.gguf")
 
 
+def _spm_tokenizer():
+    """A LLaMA-2-style tokenizer (BPE, byte fallback, '▁' for spaces) trained on a few lines."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    from .conftest import BPE_TEXT
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator([BPE_TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                           show_progress=False))
+    m = json.loads(tk.to_str())["model"]
+    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+    return LlamaTokenizer(vocab=m["vocab"], merges=merges)
+
+
+def test_round_trip_sentencepiece_tokenizer(tmp_path):
+    import gguf
+
+    from fusegpt.export import export_gguf
+
+    tok = _spm_tokenizer()
+    model = _pruned_llama(vocab=400)
+    out = export_gguf(model, tok, tmp_path / "spm.gguf")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE and types[0] == gguf.TokenType.CONTROL
+    back, tok2 = _reload(out)
+    text = SAMPLE + "  double  spaces, Ünïcödé and 🦀"
+    ids = tok(text)["input_ids"]
+    assert tok2(text)["input_ids"] == ids
+    assert tok2.decode(ids) == tok.decode(ids)
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(back(t).logits, model(t).logits, rtol=0, atol=0)
+
+
 def test_refusals(tmp_path, bpe_tokenizer):
     from fusegpt.export import ExportError, export_gguf
     from fusegpt.prune.width import apply_head_pruning

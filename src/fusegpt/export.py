@@ -24,8 +24,14 @@ HF layout):
 
 Refused with a clear error: other families (their GGUF architectures differ), width-pruned models
 (GGUF ``llama`` holds one head count and FFN width for all layers), rope scaling other than the
-default, biases other than Qwen2's q/k/v, Qwen2 with ``use_sliding_window``, SentencePiece (``▁``)
-tokenizers.
+default, biases other than Qwen2's q/k/v, Qwen2 with ``use_sliding_window``, tokenizers that are
+neither byte-level BPE nor SentencePiece-style BPE.
+
+SentencePiece-style BPE tokenizers (LLaMA-2, Mistral: byte fallback, ``▁`` for spaces) are written
+as ``tokenizer.ggml.model = "llama"`` with their merges, byte tokens typed ``BYTE``, and piece
+scores ``−(rank of the merge that makes the piece)`` (llama.cpp's SentencePiece tokenizer merges
+by score, so earlier merges must score higher; llama.cpp's own HF fallback writes −1000 for
+every piece, which loses that order).
 """
 
 from __future__ import annotations
@@ -135,6 +141,13 @@ def _pre_name(pre: dict | None) -> str:
     return "default"
 
 
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+    """A LLaMA-2 / Mistral style tokenizer: BPE with byte fallback and '▁' for spaces."""
+    model = spec.get("model") or {}
+    around = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer"), spec.get("decoder")], ensure_ascii=False)
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "\u2581" in around
+
+
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -142,9 +155,11 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         raise ExportError("GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(backend.to_str())
     model = spec["model"]
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"only byte-level BPE tokenizers are exported (this one: {model.get('type')} with "
-                          f"{(spec.get('decoder') or {}).get('type')} decoding; SentencePiece-style is not supported)")
+    spm = _is_sentencepiece_bpe(spec)
+    if model.get("type") != "BPE" or not (spm or (spec.get("decoder") or {}).get("type") == "ByteLevel"):
+        raise ExportError(f"only byte-level BPE and SentencePiece-style BPE (byte fallback, '▁') tokenizers are "
+                          f"exported (this one: {model.get('type')} with {(spec.get('decoder') or {}).get('type')} "
+                          "decoding)")
     id_to_token = {i: t for t, i in model["vocab"].items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     id_to_token.update({i: t["content"] for i, t in added.items()})
@@ -160,12 +175,24 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         tokens.append(id_to_token[i])
         if i in added:
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif spm and id_to_token[i] == model.get("unk_token"):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif spm and len(id_to_token[i]) == 6 and id_to_token[i].startswith("<0x") and id_to_token[i].endswith(">"):
+            types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_name(spec.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
+    if spm:
+        # llama.cpp's SentencePiece tokenizer merges by piece score: earlier merges score higher
+        rank = {m.replace(" ", ""): k for k, m in enumerate(merges)}
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(rank[t] + 1) if t in rank and ty == gguf.TokenType.NORMAL else 0.0
+                                 for t, ty in zip(tokens, types, strict=True)])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_name(spec.get("pre_tokenizer")))
+        writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     for name, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
