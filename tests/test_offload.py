@@ -280,3 +280,16 @@ def test_offload_drops_fused_caches():
         fl(torch.randn(1, 3, fl.in_features))
         assert fl._cache is not None
     assert fl._cache is None and isinstance(fl.lora_A, nn.Parameter) and fl.lora_A.is_meta
+
+
+def test_load_offloaded_bf16_matches_stock(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "ckpt")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).eval()
+    lazy = load_offloaded(tmp_path / "ckpt", dtype=torch.bfloat16, storage="cpu")
+    a = get_adapter(lazy)
+    assert a.dtype == torch.bfloat16
+    assert a.decoder.rotary_emb.inv_freq.dtype == stock.model.rotary_emb.inv_freq.dtype
+    ids = _ids()
+    assert perplexity(lazy, ids.flatten(), 24) == perplexity(stock, ids.flatten(), 24)

@@ -277,9 +277,8 @@ def load_offloaded(path: str | Path, device: str | torch.device = "cpu", dtype: 
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     auto = getattr(transformers, cls.auto_class)
     config._attn_implementation = cls.attn_implementation
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, attn_implementation=cls.attn_implementation)
-    model.to(dtype)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are built as stock does
+        model = auto.from_config(config, attn_implementation=cls.attn_implementation, dtype=dtype)
     adapter = get_adapter(model)
     files = _checkpoint_index(path)
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
