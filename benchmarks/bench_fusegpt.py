@@ -62,7 +62,9 @@ def _variant(own: dict) -> str:
 
 
 def _label(r: dict) -> str:
-    return LABELS[r["method"]] + (f" ({r['variant']})" if r.get("variant") else "")
+    """Method, its variant settings, and where the row came from when not from this script."""
+    return LABELS[r["method"]] + (f" ({r['variant']})" if r.get("variant") else "") + \
+        (f" [{r['note']}]" if r.get("note") else "")
 
 
 def run_one(dense, tok, method: str, sparsity: float, args, evalc: EvalConfig) -> dict:
@@ -117,34 +119,52 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/fusegpt.json")
     ap.add_argument("--md", default="benchmarks/results_fusegpt.md")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    ap.add_argument("--import", dest="imports", nargs="*", default=[], metavar="JSON",
+                    help="add the rows of other result files of this script (run in parallel) to --out first")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     rows: list[dict] = [] if args.fresh or not out.is_file() else json.loads(out.read_text())["rows"]
+    command = "flock /tmp/fusegpt-cpu.lock .venv/bin/python benchmarks/bench_fusegpt.py " + shlex.join(sys.argv[1:])
+    prev = {} if args.fresh or not out.is_file() else json.loads(out.read_text())
+    commands = prev.get("commands") or ([prev["command"]] if prev.get("command") else [])
+    for extra in args.imports:
+        other = json.loads(Path(extra).read_text())
+        for r in other["rows"]:
+            if not any(_same(r, q) for q in rows):
+                rows.append(r)
+        commands += [c for c in other.get("commands", [other.get("command")]) if c and c not in commands]
+    commands = [c for c in commands if c != command] + [command]
+    if args.imports:
+        out.write_text(json.dumps({"args": vars(args), "command": command, "commands": commands, "rows": rows}, indent=1))
     evalc = EvalConfig(data=("wiki", "news"), seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
     dense, tok = load_model(args.model)
-    command = "flock /tmp/fusegpt-cpu.lock .venv/bin/python benchmarks/bench_fusegpt.py " + shlex.join(sys.argv[1:])
     for sparsity in args.sparsity:
         for method in args.methods.split(","):
             s = 0.0 if method == "dense" else sparsity
             variant = _variant(_own(method, args))
-            if any(r["method"] == method and r["sparsity"] == s and r.get("variant", "") == variant for r in rows):
+            if any(_same(r, {"method": method, "sparsity": s, "variant": variant}) for r in rows):
                 continue
             row = run_one(dense, tok, method, sparsity, args, evalc)
             rows.append(row)
             print(f"{method} @ {s}: ppl {row['ppl']}, removed {row['removed']}, {row['wall_s']}s", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"args": vars(args), "command": command, "rows": rows}, indent=1))
-            write_md(rows, args, command)
-    print(write_md(rows, args, command))
+            out.write_text(json.dumps({"args": vars(args), "command": command, "commands": commands, "rows": rows},
+                                      indent=1))
+            write_md(rows, args, commands)
+    print(write_md(rows, args, commands))
 
 
-def write_md(rows: list[dict], args, command: str) -> str:
+def _same(a: dict, b: dict) -> bool:
+    return a["method"] == b["method"] and a["sparsity"] == b["sparsity"] and a.get("variant", "") == b.get("variant", "")
+
+
+def write_md(rows: list[dict], args, commands: list[str]) -> str:
     """The Markdown table of everything measured so far (rewritten after every run)."""
     preset = GROUP_TRAIN_PRESETS[args.preset]
     md = [f"### FuseGPT vs block pruning on SmolLM2-135M-Instruct ({args.preset} preset, seed {args.seed})", "",
-          f"Command: `{command}`", "",
+          "Commands (rows accumulate in one JSON):", "", *[f"- `{c}`" for c in commands], "",
           f"Perplexity: GPTQ protocol, seqlen {args.eval_seqlen}, first {args.max_tokens} tokens of the `wiki` test "
           f"split and of `news`. Calibration for every ranking: {preset['calib_nsamples']}×{preset['calib_seqlen']} "
           f"tokens of `{args.calib}` train (seed {args.seed}). Wall time: the pruning step on 2 shared CPU cores; "
