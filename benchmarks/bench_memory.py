@@ -88,6 +88,9 @@ def run_job(path: Path, name: str, out: Path, ppl_tokens: int) -> None:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(res, indent=1))
+    off = getattr(model, "_fusegpt_offload", None)
+    if off is not None:  # the edited blocks' store
+        off.close()
 
 
 def main() -> None:
