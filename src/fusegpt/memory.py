@@ -28,7 +28,10 @@ query heads, ``V`` vocabulary, ``P_blk`` parameters per block:
 scores, their softmax and mask — dropped on CUDA, where SDPA's flash / memory-efficient kernels
 do not materialise them; ``b'`` the compute dtype). On top comes a fixed **runtime** of
 300 MB (Python, torch and transformers as loaded here). Checked against peak RSS on the embedded
-SmolLM2-135M (MI scoring, one 512-token window, CPU): estimated 0.92 GB, measured 0.98 GB.
+SmolLM2-135M (MI scoring, one 512-token window, CPU): estimated 0.92 GB, measured 0.98 GB; and on
+a random 1.2B LLaMA run layer-wise (benchmarks/RESULTS.md §5): 0.6–1.1 GB under for scoring,
+perplexity and SlimGPT (the tokenizer and data pipeline outgrow the fixed runtime), 1.7 GB over for
+FuseGPT (the fused-weight copies are shared in the first group).
 """
 
 from __future__ import annotations
