@@ -67,6 +67,7 @@ def run_job(path: Path, name: str, out: Path, ppl_tokens: int) -> None:
     from fusegpt.data import eval_tokens
     from fusegpt.eval.perplexity import perplexity
     from fusegpt.loading import load_model
+    from fusegpt.offload import offloader_of
     from fusegpt.utils import count_params
 
     job = JOBS[name]
@@ -88,7 +89,7 @@ def run_job(path: Path, name: str, out: Path, ppl_tokens: int) -> None:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(res, indent=1))
-    off = getattr(model, "_fusegpt_offload", None)
+    off = offloader_of(model)
     if off is not None:  # the edited blocks' store
         off.close()
 

@@ -58,9 +58,9 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
     """Save ``model`` (safetensors), ``tokenizer`` and ``report.json`` to ``path`` atomically."""
 
     def write(tmp: Path) -> None:
-        if getattr(model, "_fusegpt_offload", None) is not None:
-            from .offload import save_offloaded  # layer-wise: written block by block
+        from .offload import offloader_of, save_offloaded
 
+        if offloader_of(model) is not None:  # layer-wise: written block by block
             save_offloaded(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)

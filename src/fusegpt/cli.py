@@ -19,6 +19,7 @@ from .checkpoint import check_output, save_pruned
 from .config import METHOD_CONFIGS, ConfigError, EvalConfig, config_for
 from .data import DataError, check_source, known_sources
 from .loading import ModelLoadError, is_width_pruned, load_model, read_config, resolve_model_path
+from .offload import offloader_of
 from .utils import count_params
 
 logger = logging.getLogger("fusegpt")
@@ -130,8 +131,9 @@ def cmd_prune(args) -> int:
                                  eval_config=eval_cfg)
     save_pruned(model, tok, out, report, overwrite=args.overwrite)
     _clear_run_state(configs, out)
-    if getattr(model, "_fusegpt_offload", None) is not None:
-        model._fusegpt_offload.close()  # the edited blocks are in the output now
+    off = offloader_of(model)
+    if off is not None:
+        off.close()  # the edited blocks are in the output now
     rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
     for src in (eval_cfg.data if eval_cfg else ()):
         rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))

@@ -195,7 +195,7 @@ def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
     if not p.is_dir():
         raise ModelLoadError(f"layer-wise loading needs a local checkpoint folder with safetensors; {path} is not one "
                              "(download it first, e.g. huggingface-cli download)")
-    if is_width_pruned(path):
+    if is_width_pruned(str(p)):
         raise ModelLoadError("width-pruned checkpoints cannot be loaded layer-wise yet; load without --offload")
     model = load_offloaded(p, device=device, dtype=dtype, storage=offload, folder=folder)
     return model, AutoTokenizer.from_pretrained(str(p))

@@ -282,19 +282,11 @@ def load_offloaded(path: str | Path, device: str | torch.device = "cpu", dtype: 
     adapter = get_adapter(model)
     files = _checkpoint_index(path)
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
-    block_prefix = {id(b): None for b in adapter.layers}
-    prefixes = {}
-    for name, mod in model.named_modules():
-        if id(mod) in block_prefix:
-            prefixes[id(mod)] = name + "."
+    prefixes = adapter.block_prefixes()
     off = BlockOffloader(device, storage, folder)
     off._source_dtype = dtype
-    rest: dict[str, Path] = {}
-    for key, file in files.items():
-        if not any(key.startswith(p) for p in prefixes.values()):
-            rest[key] = file
-    for block in adapter.layers:
-        pre = prefixes[id(block)]
+    rest = {key: file for key, file in files.items() if not key.startswith(tuple(prefixes))}
+    for block, pre in zip(adapter.layers, prefixes, strict=True):
         src = {k[len(pre):]: (f, k) for k, f in files.items() if k.startswith(pre)}
         if not src:
             raise KeyError(f"checkpoint {path} has no tensors for {pre.rstrip('.')}")
@@ -312,7 +304,7 @@ def load_offloaded(path: str | Path, device: str | torch.device = "cpu", dtype: 
                 _assign(model, k, (t.to(dtype) if t.is_floating_point() else t).to(device))
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    still = [n for n, p in model.named_parameters() if p.is_meta and not any(n.startswith(p_) for p_ in prefixes.values())]
+    still = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(tuple(prefixes))]
     if still:
         raise KeyError(f"checkpoint {path} lacks {still[:3]}")
     model._fusegpt_offload = off
@@ -333,7 +325,7 @@ def save_offloaded(model: nn.Module, out: Path, max_shard_blocks: int = 1) -> No
 
     off = offloader_of(model)
     adapter = get_adapter(model)
-    prefixes = {id(m): n + "." for n, m in model.named_modules() if any(m is b for b in adapter.layers)}
+    prefixes = adapter.block_prefixes()
     weight_map: dict[str, str] = {}
     total = 0
     n_shards = adapter.num_layers + 1
@@ -342,17 +334,15 @@ def save_offloaded(model: nn.Module, out: Path, max_shard_blocks: int = 1) -> No
     def shard(i: int) -> str:
         return f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
 
-    for i, block in enumerate(adapter.layers):
+    for i, (block, pre) in enumerate(zip(adapter.layers, prefixes, strict=True)):
         with off.use([block]):
-            flat = {}
-            for n, t in block.state_dict().items():
-                flat[prefixes[id(block)] + n] = t.detach().to("cpu").contiguous()
+            flat = {pre + n: t.detach().to("cpu").contiguous() for n, t in block.state_dict().items()}
             save_file(flat, str(out / shard(i)), metadata={"format": "pt"})
         for k, t in flat.items():
             weight_map[k] = shard(i)
             total += t.numel() * t.element_size()
     rest = {}
-    block_keys = tuple(prefixes.values())
+    block_keys = tuple(prefixes)
     for k, t in model.state_dict(keep_vars=True).items():
         if k.startswith(block_keys) or t.is_meta:
             continue

@@ -33,7 +33,9 @@ def perplexity(
     if n == 0:
         raise ValueError(f"{tokens.numel()} tokens are fewer than one window of seqlen={seqlen}")
     windows = tokens[: n * seqlen].view(n, seqlen)
-    if getattr(model, "_fusegpt_offload", None) is not None:
+    from ..offload import offloader_of
+
+    if offloader_of(model) is not None:
         ppl = _perplexity_layerwise(model, windows, batch_size, desc)
         logger.info("%s: %.3f over %d windows of %d tokens (layer-wise)", desc, ppl, n, seqlen)
         return ppl

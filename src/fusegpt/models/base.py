@@ -169,7 +169,14 @@ class DecoderAdapter:
     @property
     def offloader(self):
         """The :class:`~fusegpt.offload.BlockOffloader` of this model, or None when resident."""
-        return getattr(self.model, "_fusegpt_offload", None)
+        from ..offload import offloader_of
+
+        return offloader_of(self.model)
+
+    def block_prefixes(self) -> list[str]:
+        """State-dict prefix (``"model.layers.3."``) of each current block, in block order."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [names[id(b)] + "." for b in self.layers]
 
     @contextlib.contextmanager
     def using(self, indices: Sequence[int], write: bool = False) -> Iterator[None]:
@@ -187,8 +194,10 @@ class DecoderAdapter:
     def contexts(self, chunks: Sequence[torch.Tensor]) -> list[BlockContext]:
         """One context per chunk, shared between chunks of the same shape (masks are not copied)."""
         by_shape: dict[tuple[int, ...], BlockContext] = {}
-        return [by_shape.setdefault(tuple(h.shape[:2]), self.context(h)) if tuple(h.shape[:2]) not in by_shape
-                else by_shape[tuple(h.shape[:2])] for h in chunks]
+        for h in chunks:
+            if tuple(h.shape[:2]) not in by_shape:
+                by_shape[tuple(h.shape[:2])] = self.context(h)
+        return [by_shape[tuple(h.shape[:2])] for h in chunks]
 
     def run_layerwise(self, chunks: list[torch.Tensor], ctxs: list[BlockContext], start: int = 0,
                       end: int | None = None) -> list[torch.Tensor]:

@@ -225,9 +225,9 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
                                            "loss_end": info.get("loss_end")})
             if info["diverged"] or info.get("reverted"):
                 step.details["fallbacks"].append(removed[0])
-            logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s", cfg.method, removed[0],
-                    info["group"], info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]],
-                    f"{info['loss_end']:.4g}" if "loss_end" in info else "-")
+            logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s", cfg.method,
+                        removed[0], info["group"], info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]],
+                        f"{info['loss_end']:.4g}" if "loss_end" in info else "-")
             if state_dir is not None:
                 save_state(state_dir, adapter, step, it + 1, settings)
             _after_iteration(it)

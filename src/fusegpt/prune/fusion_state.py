@@ -105,15 +105,13 @@ def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, sett
     sd = torch.load(path / "model.pt", map_location=adapter.device, weights_only=True)
     spec = payload["spec"]
     if adapter.offloader is None:
-        prefixes = {id(m): n + "." for n, m in adapter.model.named_modules()}
-        for i, block in enumerate(adapter.layers):
-            pre = prefixes[id(block)]
+        for i, (block, pre) in enumerate(zip(adapter.layers, adapter.block_prefixes(), strict=True)):
             _restore_fused(adapter, block, spec.get(str(i), {}), {k[len(pre):]: v for k, v in sd.items()
                                                                   if k.startswith(pre)})
         missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
     else:
         missing, unexpected = adapter.model.load_state_dict(sd, strict=False)
-        block_keys = tuple(n + "." for n, m in adapter.model.named_modules() if any(m is b for b in adapter.layers))
+        block_keys = tuple(adapter.block_prefixes())
         missing = [k for k in missing if not k.startswith(block_keys)]
         for i, block in enumerate(adapter.layers):
             sd_b = torch.load(path / "blocks" / f"{i}.pt", map_location=adapter.device, weights_only=True)
