@@ -28,9 +28,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from fusegpt.methods import GROUP_TRAIN_PRESETS  # noqa: E402
 
 from fusegpt import EvalConfig, compress, config_for, evaluate, load_model  # noqa: E402
-from fusegpt.config import GROUP_TRAIN_PRESETS  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
 
 GROUP_METHODS = ("fusegpt", "mi+ft")
@@ -69,7 +69,7 @@ def _label(r: dict) -> str:
 
 def run_one(dense, tok, method: str, sparsity: float, args, evalc: EvalConfig) -> dict:
     preset = GROUP_TRAIN_PRESETS[args.preset]
-    calib = dict(calib_source=args.calib, nsamples=preset["calib_nsamples"], seqlen=preset["calib_seqlen"],
+    calib = dict(calib_source=args.calib, nsamples=preset["nsamples"], seqlen=preset["seqlen"],
                  seed=args.seed)
     if method == "dense":
         return {"method": "dense", "variant": "", "sparsity": 0.0, "removed": [], "layers": get_adapter(dense).num_layers,
@@ -166,7 +166,7 @@ def write_md(rows: list[dict], args, commands: list[str]) -> str:
     md = [f"### FuseGPT vs block pruning on SmolLM2-135M-Instruct ({args.preset} preset, seed {args.seed})", "",
           "Commands (rows accumulate in one JSON):", "", *[f"- `{c}`" for c in commands], "",
           f"Perplexity: GPTQ protocol, seqlen {args.eval_seqlen}, first {args.max_tokens} tokens of the `wiki` test "
-          f"split and of `news`. Calibration for every ranking: {preset['calib_nsamples']}×{preset['calib_seqlen']} "
+          f"split and of `news`. Calibration for every ranking: {preset['nsamples']}×{preset['seqlen']} "
           f"tokens of `{args.calib}` train (seed {args.seed}). Wall time: the pruning step on 2 shared CPU cores; "
           "peak memory: process RSS.", ""]
     for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):

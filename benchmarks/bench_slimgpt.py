@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from fusegpt import config_for
+from fusegpt.width import decoder_params
 
 from fusegpt import EvalConfig, compress, evaluate, load_model
-from fusegpt.config import config_for
 from fusegpt.models import get_adapter
-from fusegpt.prune.width import decoder_params
 from fusegpt.utils import count_params
 
 logger = logging.getLogger("bench_slimgpt")

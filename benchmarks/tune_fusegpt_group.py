@@ -22,13 +22,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_fusegpt.py; before torch is imported
 
 
+from fusegpt.blocks import remove_blocks  # noqa: E402
+from fusegpt.methods.fusegpt.loop import _fuse_and_train, _group_outputs, _states_entering  # noqa: E402
+from fusegpt.fusion import eval_loss, group_window  # noqa: E402
+
 from fusegpt import EvalConfig, config_for, evaluate, load_model  # noqa: E402
 from fusegpt.data import calibration_windows  # noqa: E402
 from fusegpt.importance import lowest, mi_scores  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
-from fusegpt.prune.blocks import remove_blocks  # noqa: E402
-from fusegpt.prune.fusion import _fuse_and_train, _group_outputs, _states_entering  # noqa: E402
-from fusegpt.prune.fusion_train import eval_loss, group_window  # noqa: E402
 
 VARIANTS = {
     "removal": None,
@@ -59,12 +60,12 @@ def main() -> None:
         q.requires_grad_(False)
     adapter = get_adapter(dense)
     base = config_for("fusegpt", preset="cpu", **common)
-    r0 = base.resolved()
-    calib = calibration_windows(tok, "wiki", r0["calib"].nsamples, r0["calib"].seqlen, 0)
-    ft = calibration_windows(tok, "wiki", r0["ft_nsamples"], r0["ft_seqlen"], 0)
-    held = calibration_windows(tok, "wiki", 8, r0["ft_seqlen"], 12345)
+    r0 = base.resolve()
+    calib = calibration_windows(tok, "wiki", r0.nsamples, r0.seqlen, 0)
+    ft = calibration_windows(tok, "wiki", r0.ft_nsamples, r0.ft_seqlen, 0)
+    held = calibration_windows(tok, "wiki", 8, r0.ft_seqlen, 12345)
     p = lowest(mi_scores(adapter, calib), 1)[0]
-    group = group_window(p, adapter.num_layers, r0["group_size"])
+    group = group_window(p, adapter.num_layers, r0.group_size)
     student = [j for j in group if j != p]
     evalc = EvalConfig(data=("wiki",), seqlen=512, max_tokens=args.max_tokens)
     rows = []
@@ -78,9 +79,8 @@ def main() -> None:
         info = {}
         if spec is not None:
             method, kw = spec
-            cfg = config_for(method, preset="cpu", **{**common, **kw})
-            r = cfg.resolved()
-            info = _fuse_and_train(ad, p, group, ft, r, method == "fusegpt", 0, 0, cfg)
+            cfg = config_for(method, preset="cpu", **{**common, **kw}).resolve()
+            info = _fuse_and_train(ad, p, group, ft, method == "fusegpt", 0, 0, cfg)
         held_mse = eval_loss(ad, student, h_in, h_t, "mse", 8)
         remove_blocks(ad, [p])
         ppl = evaluate(model, tok, evalc)["wiki"]

@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 METHOD=${METHOD:-fusegpt}
-extra=()
-case "$METHOD" in fusegpt|mi+ft) extra=(--preset cpu) ;; *) extra=(--nsamples 8 --seqlen 256) ;; esac
-exec .venv/bin/fusegpt prune --method "$METHOD" --sparsity 0.25 "${extra[@]}" --max-tokens 16384 \
+# every method's cpu preset is sized for the embedded model on 2 cores (fusegpt prune --dry-run shows it)
+exec .venv/bin/fusegpt prune --method "$METHOD" --sparsity 0.25 --preset cpu --max-tokens 16384 \
   --output runs/demo --overwrite "$@"

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusegpt.blocks import remove_blocks
 from fusegpt.checkpoint import save_pruned
 from fusegpt.importance import bi_scores, mi_scores
 from fusegpt.models import ROLES, get_adapter, supported_model_types
-from fusegpt.prune.blocks import remove_blocks
 
 from .conftest import ALL_FAMILIES, load_stock, tiny_model
 
@@ -104,9 +104,9 @@ def _module_or_skip(name: str):
 
 def test_fuse_a_block(any_family, input_ids, tmp_path):
     """FuseGPT's contract: same roles in every block, FusedLinear settable, merged model reloads."""
-    _module_or_skip("fusegpt.prune.fusion")
-    from fusegpt.prune.fused_linear import FusedLinear, frozen_weight
-    from fusegpt.prune.fusion import merge_model
+    _module_or_skip("fusegpt.methods.fusegpt")
+    from fusegpt.fusion import FusedLinear, frozen_weight
+    from fusegpt.methods.fusegpt.loop import merge_model
 
     model = tiny_model(any_family)
     a = get_adapter(model)
@@ -138,9 +138,9 @@ def test_fuse_a_block(any_family, input_ids, tmp_path):
 
 def test_prune_a_head(any_family, input_ids):
     """SlimGPT's contract: plain q/k/v/o + gate/up/down roles, or a clear refusal."""
-    _module_or_skip("fusegpt.prune.width")
-    from fusegpt.config import ConfigError
-    from fusegpt.prune.width import apply_head_pruning, block_width
+    _module_or_skip("fusegpt.width")
+    from fusegpt import ConfigError
+    from fusegpt.width import apply_head_pruning, block_width
 
     a = get_adapter(tiny_model(any_family))
     block = a.layers[0]
@@ -160,8 +160,7 @@ def test_prune_a_head(any_family, input_ids):
 
 def test_compress_fusegpt_end_to_end(any_family, toy_tokenizer, input_ids, tmp_path):
     """The whole FuseGPT run (MI ranking, fusion, group training, merge) through ``compress``."""
-    from fusegpt import api
-    from fusegpt.config import config_for
+    from fusegpt import api, config_for
 
     model = tiny_model(any_family)
     cfg = config_for("fusegpt", sparsity=0.2, nsamples=2, seqlen=32, ft_nsamples=4, ft_seqlen=32, epochs=1,

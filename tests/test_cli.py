@@ -78,14 +78,18 @@ def test_bad_input_one_line_exit_2(case, message, tiny_checkpoint, tmp_path, cap
 
 
 def test_failure_midway_leaves_no_output(tiny_checkpoint, tmp_path, monkeypatch):
-    import fusegpt.api as api
+    import dataclasses
+
+    from fusegpt.methods import MIConfig, registry
 
     path, text = tiny_checkpoint
 
     def boom(*a, **k):
         raise RuntimeError("killed midway")
 
-    monkeypatch.setitem(api._RUNNERS, "mi", boom)
+    broken = dataclasses.replace(registry.get("mi"), run=boom)
+    monkeypatch.setitem(registry._BY_NAME, "mi", broken)
+    monkeypatch.setitem(registry._BY_CONFIG, MIConfig, broken)
     with pytest.raises(RuntimeError):
         _prune(path, text, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusegpt.blocks import remove_blocks
 from fusegpt.checkpoint import save_pruned
 from fusegpt.models import get_adapter
-from fusegpt.prune.blocks import remove_blocks
 
 from .conftest import tiny_model
 
@@ -33,7 +33,7 @@ def _reload(path):
 def test_permutation_is_what_transformers_reverses():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from fusegpt.export import permute_rotary
+    from fusegpt.checkpoint.gguf import permute_rotary
 
     w = torch.randn(2 * 16, 64)  # 2 K/V heads of 16
     back = LlamaTensorProcessor()._reverse_permute_weights(permute_rotary(w, 2).numpy(), 4, 2)
@@ -43,7 +43,7 @@ def test_permutation_is_what_transformers_reverses():
 def test_round_trip_f32(tmp_path, bpe_tokenizer):
     import gguf
 
-    from fusegpt.export import export_gguf
+    from fusegpt.checkpoint.gguf import export_gguf
 
     model = _pruned_llama()
     out = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
@@ -62,7 +62,7 @@ def test_round_trip_f32(tmp_path, bpe_tokenizer):
 
 
 def test_round_trip_f16_and_tied_head(tmp_path, bpe_tokenizer):
-    from fusegpt.export import export_gguf
+    from fusegpt.checkpoint.gguf import export_gguf
 
     model = _pruned_llama(tie_word_embeddings=True)
     out = export_gguf(model, bpe_tokenizer, tmp_path / "m16.gguf", dtype="f16")
@@ -76,7 +76,7 @@ def test_round_trip_f16_and_tied_head(tmp_path, bpe_tokenizer):
 def test_round_trip_qwen2_with_biases(tmp_path, bpe_tokenizer):
     import gguf
 
-    from fusegpt.export import ExportError, export_gguf
+    from fusegpt.checkpoint.gguf import ExportError, export_gguf
 
     model = tiny_model("qwen2", vocab_size=300, use_sliding_window=False)
     a = get_adapter(model)
@@ -120,7 +120,7 @@ def _spm_tokenizer():
 def test_round_trip_sentencepiece_tokenizer(tmp_path):
     import gguf
 
-    from fusegpt.export import export_gguf
+    from fusegpt.checkpoint.gguf import export_gguf
 
     tok = _spm_tokenizer()
     model = _pruned_llama(vocab=400)
@@ -140,8 +140,8 @@ def test_round_trip_sentencepiece_tokenizer(tmp_path):
 
 
 def test_refusals(tmp_path, bpe_tokenizer):
-    from fusegpt.export import ExportError, export_gguf
-    from fusegpt.prune.width import apply_head_pruning
+    from fusegpt.checkpoint.gguf import ExportError, export_gguf
+    from fusegpt.width import apply_head_pruning
 
     with pytest.raises(ExportError, match="this model is 'gpt2'"):
         export_gguf(tiny_model("gpt2"), None, tmp_path / "g.gguf")
@@ -176,9 +176,8 @@ def test_cli_export(tmp_path, bpe_tokenizer, capsys):
 @pytest.mark.real
 def test_embedded_model_pruned_round_trip(tmp_path):
     """The issue's check: prune the embedded SmolLM2 by 2 blocks (ShortGPT), export, reload, same logits."""
-    from fusegpt import api
-    from fusegpt.config import config_for
-    from fusegpt.export import export_gguf
+    from fusegpt import api, config_for
+    from fusegpt.checkpoint.gguf import export_gguf
     from fusegpt.loading import load_model
 
     model, tok = load_model(None)

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from fusegpt.blocks import remove_blocks
 from fusegpt.checkpoint import save_pruned
 from fusegpt.models import get_adapter
-from fusegpt.prune.blocks import remove_blocks
 
 from .conftest import TINY_IMAGE_TOKEN, load_stock, tiny_model
 

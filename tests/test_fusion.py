@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from fusegpt import api
-from fusegpt.config import ConfigError, FuseGPTConfig, MIFTConfig, config_for
+from fusegpt import ConfigError, FuseGPTConfig, MIFTConfig, api, config_for
+from fusegpt.fusion import FusedLinear, frozen_weight, group_window, kl_batch_loss, make_loss, merge_fused
+from fusegpt.fusion import group_training as fusion_train
+from fusegpt.methods.fusegpt import loop as fusion
 from fusegpt.models import get_adapter
-from fusegpt.prune import fusion, fusion_train
-from fusegpt.prune.fused_linear import FusedLinear, frozen_weight, merge_fused
-from fusegpt.prune.fusion_train import group_window, kl_batch_loss, make_loss
 
 from .conftest import FAMILIES, ToyTokenizer, tiny_model
 
@@ -150,16 +149,17 @@ def test_other_losses():
 
 
 def test_presets_and_overrides():
-    cfg = config_for("fusegpt", preset="cpu", epochs=7)
-    r = cfg.resolved()
-    assert r["preset"] == "cpu" and r["epochs"] == 7 and r["loss"] == "mse"
-    assert (r["calib"].nsamples, r["calib"].seqlen) == (8, 256)
-    r = config_for("fusegpt", preset="paper", nsamples=16).resolved()
-    assert r["loss"] == "kl-batch" and r["lr_base"] == 9.65e-6 and r["calib"].nsamples == 16
-    assert r["calib"].seqlen == 2048 and r["ft_nsamples"] == 128
-    assert FuseGPTConfig().resolved("cuda")["preset"] == "paper"
-    assert FuseGPTConfig().resolved("cpu")["preset"] == "cpu"
-    assert MIFTConfig(lr=3e-4).resolved()["lr"] == 3e-4
+    r = config_for("fusegpt", preset="cpu", epochs=7).resolve()
+    assert r.preset == "cpu" and r.epochs == 7 and r.loss == "mse"
+    assert (r.nsamples, r.seqlen) == (8, 256) and r.origins["epochs"] == "explicit"
+    assert r.origins["loss"] == "preset cpu" and r.origins["mi_batch_size"] == "default"
+    r = config_for("fusegpt", preset="paper", nsamples=16).resolve()
+    assert r.loss == "kl-batch" and r.lr_base == 9.65e-6 and r.calib.nsamples == 16
+    assert r.seqlen == 2048 and r.ft_nsamples == 128 and r.ft_source == "wiki"
+    assert FuseGPTConfig().resolve("cuda").preset == "paper"
+    assert FuseGPTConfig().resolve("cpu").preset == "cpu"
+    assert FuseGPTConfig().resolve("cpu").origins["preset"] == "default for cpu"
+    assert MIFTConfig(lr=3e-4).resolve().lr == 3e-4
     with pytest.raises(ConfigError, match="preset"):
         FuseGPTConfig(preset="fast")
     with pytest.raises(ConfigError, match="loss"):
@@ -168,13 +168,24 @@ def test_presets_and_overrides():
         MIFTConfig(epochs=0)
 
 
-def test_cli_builds_state_dir_and_resume():
-    from fusegpt.cli import build_configs, build_parser
+def test_explicit_values_win_even_when_equal_to_a_default():
+    """The issue's reproduction: a preset must not override explicit values that equal old defaults."""
+    r = FuseGPTConfig(sparsity=0.25, preset="cpu").with_overrides(nsamples=32, seqlen=2048).resolve()
+    assert (r.nsamples, r.seqlen) == (32, 2048)
+    assert r.origins["nsamples"] == r.origins["seqlen"] == "explicit"
+    # resolving twice is a no-op; overriding a resolved config lets the preset fill again
+    assert r.resolve() is r
+    again = r.with_overrides(preset="paper").resolve()
+    assert (again.nsamples, again.ft_nsamples) == (32, 128)
 
-    args = build_parser().parse_args(["prune", "--method", "fusegpt", "--sparsity", "0.25", "--preset", "cpu",
-                                      "--set", "epochs=1", "--resume", "--output", "runs/x"])
-    (cfg,) = build_configs(args)
-    assert cfg.state_dir == "runs/x.state/fusegpt" and cfg.resume and cfg.epochs == 1 and cfg.preset == "cpu"
+
+def test_cli_resume_keeps_state_beside_the_output(tmp_path):
+    from fusegpt.runstate import RunContext, state_root_for
+
+    root = state_root_for(tmp_path / "x")
+    assert root == tmp_path / "x.state"
+    ctx = RunContext(adapter=None, tokenizer=None, state_root=root, resume=True, step_index=1)
+    assert ctx.state_dir("fusegpt") == root / "1-fusegpt" and ctx.used_state_dirs == [root / "1-fusegpt"]
 
 
 # ---------------------------------------------------------------- end to end on tiny models
@@ -183,13 +194,13 @@ TINY_RUN = dict(sparsity=0.3, epochs=2, batch_size=2, ft_nsamples=4, ft_seqlen=1
                 coef_rank=4, nsamples=2, seqlen=16, loss="mse", lr_base=1e-3)
 
 
-def _run(model, text_file, method="fusegpt", **kw):
+def _run(model, text_file, method="fusegpt", state_dir=None, resume=False, **kw):
     settings = {**TINY_RUN, "calib_source": text_file, **kw}
     if method == "mi+ft":
         for k in ("coef_rank", "lr_base"):
             settings.pop(k, None)
     cfg = config_for(method, **settings)
-    return api.compress(model, ToyTokenizer(), cfg)
+    return api.compress(model, ToyTokenizer(), cfg, state_dir=state_dir, resume=resume)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -247,7 +258,7 @@ def test_deterministic_and_resume_after_kill(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(fusion, "_after_iteration", kill)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model("llama"), text_file, sparsity=0.5, epochs=1, state_dir=str(state))
-    assert json.loads((state / "state.json").read_text())["done"] == 2
+    assert json.loads((state / "0-fusegpt" / "state.json").read_text())["done"] == 2
     monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
     with pytest.raises(ValueError, match="other settings"):
         _run(tiny_model("llama"), text_file, sparsity=0.5, epochs=2, state_dir=str(state), resume=True)
@@ -321,7 +332,7 @@ def test_revert_if_worse_keeps_plain_removal(text_file, monkeypatch):
         torch.testing.assert_close(model(ids).logits, plain(ids).logits)
 
 
-def test_cli_prune_fusegpt_and_resume(tiny_checkpoint, tmp_path, monkeypatch):
+def test_cli_prune_fusegpt_and_resume(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from fusegpt.cli import main
 
     from .conftest import load_stock
@@ -338,10 +349,14 @@ def test_cli_prune_fusegpt_and_resume(tiny_checkpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fusion, "_after_iteration", kill)
     assert main(argv) == 130 and not out.exists()
-    assert (tmp_path / "out.state" / "fusegpt" / "state.json").is_file()
+    err = capsys.readouterr().err
+    assert (tmp_path / "out.state" / "0-fusegpt" / "state.json").is_file()
+    # the message names where the state is, its size, and the exact command that resumes
+    assert f"Run state kept in {tmp_path / 'out.state'}" in err and (" kB)" in err or " MB)" in err)
+    assert "resume with:\n  fusegpt prune --model" in err and err.rstrip().endswith("--resume")
     monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
     assert main([*argv, "--resume"]) == 0
-    assert not (tmp_path / "out.state" / "fusegpt").exists()
+    assert not (tmp_path / "out.state").exists()
     report = json.loads((out / "report.json").read_text())
     assert len(report["removed"]) == 2 and report["steps"][0]["config"]["preset"] == "cpu"
     assert load_stock(out, "llama").config.num_hidden_layers == 4

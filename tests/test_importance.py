@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusegpt.blocks import remove_blocks
 from fusegpt.importance import bi_scores, candidate_blocks, lowest, mi_scores, sleb_scores
 from fusegpt.models import get_adapter
-from fusegpt.prune.blocks import remove_blocks
 
 from .conftest import tiny_model
 

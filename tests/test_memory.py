@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusegpt.config import EvalConfig, config_for
-from fusegpt.memory import MemoryEstimate, check_budget, estimate_memory, format_size, parse_size
+from fusegpt import EvalConfig, config_for
+from fusegpt.api import estimate_memory
+from fusegpt.memory import MemoryEstimate, ModelGeometry, check_budget, format_size, parse_size
 
 from .conftest import tiny_config, tiny_model
 
@@ -46,11 +47,9 @@ def test_weights_and_scaling():
 
 
 def test_every_family_and_a_loaded_model(any_family):
-    from fusegpt.memory import _geometry
-
     est = estimate_memory(tiny_model(any_family), config_for("mi", sparsity=0.2))
     assert est.total > est.weights > 0
-    g = _geometry(tiny_config(any_family))  # from the config alone, on the meta device
+    g = ModelGeometry.of(tiny_config(any_family))  # from the config alone, on the meta device
     assert g.params * 4 == est.weights
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from fusegpt.blocks import remove_blocks
 from fusegpt.models import get_adapter, supported_model_types
-from fusegpt.prune.blocks import remove_blocks
 
 from .conftest import tiny_model
 
@@ -65,3 +65,14 @@ def test_remove_blocks_rejects_bad_indices():
         remove_blocks(a, [6])
     with pytest.raises(ValueError, match="leave none"):
         remove_blocks(a, list(range(6)))
+
+
+def test_context_prints_no_deprecation_warning():
+    """Mask building must not print transformers' ``past_key_values`` FutureWarning into progress bars."""
+    import warnings
+
+    a = get_adapter(tiny_model("llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a.context(torch.zeros(1, 8, a.config.hidden_size))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusegpt import api
-from fusegpt.config import config_for
+from fusegpt import api, config_for
 from fusegpt.eval.perplexity import perplexity
 from fusegpt.importance import bi_scores, mi_scores
 from fusegpt.models import get_adapter
-from fusegpt.offload import attach, load_offloaded, offloader_of
+from fusegpt.offload import offloader_of
+from fusegpt.offload.layerwise import attach, load_offloaded
 
 from .conftest import ALL_FAMILIES, ToyTokenizer, tiny_model
 
@@ -71,7 +71,8 @@ def test_scores_equal_resident(fam):
 def test_methods_give_the_same_model_offloaded(method, extra, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fusegpt.checkpoint import load_pruned, save_pruned
+    from fusegpt import load_pruned
+    from fusegpt.checkpoint import save_pruned
 
     settings = {"sparsity": 0.3, "calib_source": text_file, "nsamples": 2, "seqlen": 16, **extra}
     if method in ("fusegpt", "mi+ft"):
@@ -115,7 +116,7 @@ def test_load_offloaded_reads_blocks_lazily(tmp_path):
 
 def test_layerwise_resume_after_kill(text_file, tmp_path, monkeypatch):
     """A layer-wise FuseGPT run killed after block 2 resumes to the uninterrupted run's model."""
-    from fusegpt.prune import fusion
+    from fusegpt.methods.fusegpt import loop as fusion
 
     kw = dict(sparsity=0.5, calib_source=text_file, **RUN, coef_rank=4, lr_base=1e-3)
     ref, ref_rep = api.compress(tiny_model("llama"), ToyTokenizer(), config_for("fusegpt", **kw))
@@ -129,12 +130,12 @@ def test_layerwise_resume_after_kill(text_file, tmp_path, monkeypatch):
     model = tiny_model("llama")
     attach(model, "cpu", "disk")
     with pytest.raises(KeyboardInterrupt):
-        api.compress(model, ToyTokenizer(), config_for("fusegpt", state_dir=str(state), **kw))
-    assert (state / "blocks" / "0.pt").is_file()
+        api.compress(model, ToyTokenizer(), config_for("fusegpt", **kw), state_dir=state)
+    assert (state / "0-fusegpt" / "blocks" / "0.pt").is_file()
     monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
     model = tiny_model("llama")
     attach(model, "cpu", "disk")
-    model, rep = api.compress(model, ToyTokenizer(), config_for("fusegpt", state_dir=str(state), resume=True, **kw))
+    model, rep = api.compress(model, ToyTokenizer(), config_for("fusegpt", **kw), state_dir=state, resume=True)
     assert rep.removed == ref_rep.removed and len(rep.steps[0].iterations) == 3
     want, got = _state(ref), _state(model)
     assert want.keys() == got.keys()
@@ -143,7 +144,8 @@ def test_layerwise_resume_after_kill(text_file, tmp_path, monkeypatch):
 
 
 def test_estimate_layerwise_keeps_only_the_blocks_in_use():
-    from fusegpt.memory import estimate_for_run, plan_offload
+    from fusegpt.api import estimate_memory as estimate_for_run
+    from fusegpt.api import plan_offload
 
     model = tiny_model("llama", num_hidden_layers=12)
     cfgs = [config_for("fusegpt", sparsity=0.25, group_size=4, ft_nsamples=4, ft_seqlen=16, max_terms=1)]
@@ -161,8 +163,8 @@ def test_estimate_layerwise_keeps_only_the_blocks_in_use():
 def test_cli_max_memory_switches_to_layerwise(tiny_checkpoint, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
+    from fusegpt.api import estimate_memory as estimate_for_run
     from fusegpt.cli import main
-    from fusegpt.memory import estimate_for_run
 
     path, text = tiny_checkpoint
     args = ["prune", "--model", str(path), "--method", "mi", "--sparsity", "0.34", "--calib", str(text),
@@ -268,7 +270,7 @@ def test_cli_eval_layerwise_and_dtype(tiny_checkpoint, capsys):
 def test_offload_drops_fused_caches():
     from torch import nn
 
-    from fusegpt.prune.fused_linear import FusedLinear
+    from fusegpt.fusion import FusedLinear
 
     model = tiny_model("llama")
     a = get_adapter(model)

@@ -7,16 +7,23 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from fusegpt import compress, load_pruned, save_pruned
-from fusegpt.config import WIDTH_SCHEDULES, ConfigError, MagnitudeWidthConfig, MIConfig, SlimGPTConfig
+from fusegpt import (
+    ConfigError,
+    MagnitudeWidthConfig,
+    MIConfig,
+    SlimGPTConfig,
+    compress,
+    load_pruned,
+    save_pruned,
+)
+from fusegpt.checkpoint.width import MARKER_MODEL_TYPE
 from fusegpt.models import get_adapter
-from fusegpt.prune.obs import HessianError, OBSLayer, group_sizes
-from fusegpt.prune.width import decoder_params, plan_widths
-from fusegpt.prune.width_checkpoint import MARKER_MODEL_TYPE
+from fusegpt.obs import HessianError, OBSLayer, group_sizes
+from fusegpt.width import WIDTH_SCHEDULES, decoder_params, plan_widths
 
 from .conftest import ToyTokenizer, tiny_model
 
-CALIB = dict(source="wiki", nsamples=2, seqlen=32)
+CALIB = dict(calib_source="wiki", nsamples=2, seqlen=32)
 
 
 def _layer_and_inputs(out=6, cols=12, n=400, seed=0):
@@ -114,7 +121,7 @@ def test_slimgpt_families(family, mha):
     model = tiny_model(family, **kw)
     ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     before = decoder_params(get_adapter(model))
-    model, report = compress(model, ToyTokenizer(), SlimGPTConfig(sparsity=0.3, calib=CALIB))
+    model, report = compress(model, ToyTokenizer(), SlimGPTConfig(sparsity=0.3, **CALIB))
     adapter = get_adapter(model)
     after = decoder_params(adapter)
     assert abs((1 - after / before) - 0.3) < 0.01
@@ -135,7 +142,7 @@ def test_slimgpt_families(family, mha):
 @pytest.mark.parametrize("sparsity", [0.2, 0.5])
 def test_schedules_meet_target(schedule, sparsity):
     adapter = get_adapter(tiny_model("llama", intermediate_size=512))
-    plan = plan_widths(adapter, SlimGPTConfig(sparsity=sparsity, schedule=schedule))
+    plan = plan_widths(adapter, SlimGPTConfig(sparsity=sparsity, schedule=schedule).resolve())
     assert abs(plan.achieved - sparsity) < 0.003
     ratios = [p.ratio_target for p in plan.layers]
     if schedule.endswith("increase"):
@@ -149,10 +156,10 @@ def test_schedules_meet_target(schedule, sparsity):
 def test_impossible_budgets_are_rejected_up_front():
     adapter = get_adapter(tiny_model("llama"))
     with pytest.raises(ConfigError, match="not reachable"):
-        plan_widths(adapter, SlimGPTConfig(sparsity=0.9, max_layer_ratio=0.95))
+        plan_widths(adapter, SlimGPTConfig(sparsity=0.9, max_layer_ratio=0.95).resolve())
     mha = get_adapter(tiny_model("llama", num_key_value_heads=4))
     with pytest.raises(ConfigError, match="head_rule=kv_groups"):
-        plan_widths(mha, SlimGPTConfig(sparsity=0.3, head_rule="equal_per_group"))
+        plan_widths(mha, SlimGPTConfig(sparsity=0.3, head_rule="equal_per_group").resolve())
     with pytest.raises(ConfigError, match="max_layer_ratio"):
         SlimGPTConfig(sparsity=0.95)
     with pytest.raises(ConfigError, match="schedule"):
@@ -162,7 +169,7 @@ def test_impossible_budgets_are_rejected_up_front():
 def test_magnitude_baseline_runs_without_compensation():
     model = tiny_model("qwen2")
     ref = {k: v.clone() for k, v in model.state_dict().items()}
-    model, report = compress(model, ToyTokenizer(), MagnitudeWidthConfig(sparsity=0.3, calib=CALIB))
+    model, report = compress(model, ToyTokenizer(), MagnitudeWidthConfig(sparsity=0.3, **CALIB))
     assert report.steps[0].method == "magnitude"
     o = get_adapter(model).linear_roles(get_adapter(model).layers[5])["o_proj"].weight
     kept = report.steps[0].details["layers"][5]
@@ -174,7 +181,7 @@ def test_magnitude_baseline_runs_without_compensation():
 @pytest.mark.parametrize("fam,rule", [("llama", "auto"), ("qwen2", "kv_groups")])
 def test_checkpoint_reload_identical_and_generates(fam, rule, tmp_path):
     model = tiny_model(fam)
-    model, report = compress(model, ToyTokenizer(), SlimGPTConfig(sparsity=0.4, head_rule=rule, calib=CALIB))
+    model, report = compress(model, ToyTokenizer(), SlimGPTConfig(sparsity=0.4, head_rule=rule, **CALIB))
     out = save_pruned(model, ToyTokenizer(), tmp_path / "w", report)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == MARKER_MODEL_TYPE and cfg["fusegpt_widths"]["model_type"] == fam
@@ -194,7 +201,7 @@ def test_checkpoint_reload_identical_and_generates(fam, rule, tmp_path):
 def test_chain_depth_then_width_one_report(tmp_path):
     model = tiny_model("llama")
     start = decoder_params(get_adapter(model))
-    chain = [MIConfig(sparsity=0.2, calib=CALIB), SlimGPTConfig(sparsity=0.5, calib=CALIB)]
+    chain = [MIConfig(sparsity=0.2, **CALIB), SlimGPTConfig(sparsity=0.5, **CALIB)]
     model, report = compress(model, ToyTokenizer(), chain)
     assert [s.method for s in report.steps] == ["mi", "slimgpt"]
     assert report.layers_after == 4
@@ -206,7 +213,7 @@ def test_chain_depth_then_width_one_report(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     with pytest.raises(ConfigError, match="already remove"):
-        compress(tiny_model("llama"), ToyTokenizer(), [MIConfig(sparsity=0.5, calib=CALIB), SlimGPTConfig(sparsity=0.4, calib=CALIB)])
+        compress(tiny_model("llama"), ToyTokenizer(), [MIConfig(sparsity=0.5, **CALIB), SlimGPTConfig(sparsity=0.4, **CALIB)])
 
 
 def test_cli_prune_and_eval_width_checkpoint(tiny_checkpoint, tmp_path, capsys):
@@ -228,7 +235,7 @@ def test_cli_prune_and_eval_width_checkpoint(tiny_checkpoint, tmp_path, capsys):
 def test_surgery_equals_masking(fam, kw, rule):
     """Without compensation, removing heads/channels == zeroing their o_proj/down_proj columns."""
     model, ref = tiny_model(fam, **kw), tiny_model(fam, **kw)
-    model, rep = compress(model, ToyTokenizer(), MagnitudeWidthConfig(sparsity=0.4, head_rule=rule, calib=CALIB))
+    model, rep = compress(model, ToyTokenizer(), MagnitudeWidthConfig(sparsity=0.4, head_rule=rule, **CALIB))
     a, p = get_adapter(ref), get_adapter(model)
     d = a.head_dim
     for block, pruned, info in zip(a.layers, p.layers, rep.steps[0].details["layers"], strict=True):

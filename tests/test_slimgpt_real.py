@@ -4,18 +4,26 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fusegpt import EvalConfig, compress, evaluate, load_model, load_pruned, save_pruned
-from fusegpt.config import MagnitudeWidthConfig, SlimGPTConfig
+from fusegpt import (
+    EvalConfig,
+    MagnitudeWidthConfig,
+    SlimGPTConfig,
+    compress,
+    evaluate,
+    load_model,
+    load_pruned,
+    save_pruned,
+)
 
 pytestmark = pytest.mark.real
 
-CALIB = dict(source="news", nsamples=2, seqlen=256)
+CALIB = dict(calib_source="news", nsamples=2, seqlen=256)
 EVAL = EvalConfig(data=("wiki",), seqlen=256, max_tokens=1024)
 
 
 def test_slimgpt_beats_magnitude_and_reloads(tmp_path):
     model, tok = load_model()
-    model, rep = compress(model, tok, SlimGPTConfig(sparsity=0.2, calib=CALIB))
+    model, rep = compress(model, tok, SlimGPTConfig(sparsity=0.2, **CALIB))
     d = rep.steps[0].details
     assert abs(d["sparsity_achieved"] - 0.2) < 0.002
     assert {x["heads"][1] for x in d["layers"]} <= {3, 6, 9} and all(x["kv_heads"][1] == 3 for x in d["layers"])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from fusegpt import ConfigError
 from fusegpt.cli import main
-from fusegpt.config import ConfigError
 from fusegpt.sweep import collect, sweep_configs, to_markdown
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,8 +86,9 @@ def test_sweep_with_zero_shot(tiny_checkpoint, tmp_path):
 
 def test_sweep_settings_pass_through():
     cfgs = sweep_configs(["shortgpt", "sleb"], [0.25], {"nsamples": 4, "seqlen": 64, "early_barrier": 2})
-    assert all(c.calib.nsamples == 4 and c.calib.seqlen == 64 for c in cfgs.values())
+    assert all(c.resolve().calib.nsamples == 4 and c.resolve().calib.seqlen == 64 for c in cfgs.values())
     assert cfgs[("sleb", 0.25)].early_barrier == 2 and cfgs[("shortgpt", 0.25)].early_barrier == 2
+    assert cfgs[("sleb", 0.25)].resolve().origins["early_barrier"] == "explicit"
     with pytest.raises(ConfigError, match="no method in this sweep has"):
         sweep_configs(["shortgpt"], [0.25], {"no_such_key": 1})
     with pytest.raises(ConfigError, match="unknown method"):

@@ -160,10 +160,6 @@ def test_dense_embedded_model_beats_chance_on_proxies():
 @pytest.mark.parametrize("method", ["slimgpt", "mi"])
 def test_pruned_checkpoints_width_and_depth(method, tiny_checkpoint, tmp_path, capsys):
     """Width-pruned folders load through load_pruned, depth-pruned through transformers; both evaluate."""
-    from fusegpt.config import METHOD_CONFIGS
-
-    if method not in METHOD_CONFIGS:
-        pytest.skip(f"{method} is not available in this build")
     path, text = tiny_checkpoint
     out = tmp_path / method
     assert main(["-q", "prune", "--model", str(path), "--method", method, "--sparsity", "0.3", "--calib", str(text),

@@ -1,62 +1,78 @@
 """fusegpt: structured pruning of LLMs that keeps them good.
 
-    from fusegpt import compress, evaluate, load_model, MIConfig, EvalConfig
-    model, tok = load_model()                     # embedded SmolLM2-135M by default
-    model, report = compress(model, tok, MIConfig(sparsity=0.25), eval_config=EvalConfig())
+    import fusegpt
+    result = fusegpt.prune(None, fusegpt.MIConfig(sparsity=0.25), output="runs/mi25")   # the whole run
+    model, tok = fusegpt.load_model()                                                   # or in memory:
+    model, report = fusegpt.compress(model, tok, fusegpt.MIConfig(sparsity=0.25))
 """
 
-from .api import compress, evaluate, register_method
+from .api import (
+    Placement,
+    PruneResult,
+    RunPlan,
+    compress,
+    configs_for,
+    estimate_memory,
+    estimate_seconds,
+    evaluate,
+    plan_run,
+    prune,
+)
 from .checkpoint import save_pruned
-from .config import (
-    METHOD_CONFIGS,
+from .loading import load_model, load_pruned
+from .methods import (
     BlockPruneConfig,
-    CalibrationConfig,
-    ConfigError,
-    EvalConfig,
     FuseGPTConfig,
+    GroupTrainConfig,
     MagnitudeWidthConfig,
+    Method,
     MIConfig,
     MIFTConfig,
-    PruneConfig,
     ShortGPTConfig,
     SLEBConfig,
     SlimGPTConfig,
     config_for,
+    register,
 )
-from .loading import load_model
+from .methods import names as method_names
 from .report import Report, StepReport
+from .runstate import Interrupted
+from .settings import CalibrationConfig, ConfigError, EvalConfig, PruneConfig
 
 __version__ = "0.1.0"
 
-
-def load_pruned(path, dtype=None, device="cpu"):
-    """Load any fusegpt checkpoint (depth-pruned, fused or width-pruned): ``(model, tokenizer)``."""
-    from .checkpoint import load_pruned as _load
-
-    return _load(path, dtype=dtype, device=device)
-
-
 __all__ = [
-    "METHOD_CONFIGS",
     "BlockPruneConfig",
     "CalibrationConfig",
     "ConfigError",
     "EvalConfig",
     "FuseGPTConfig",
-    "MagnitudeWidthConfig",
+    "GroupTrainConfig",
+    "Interrupted",
     "MIConfig",
     "MIFTConfig",
+    "MagnitudeWidthConfig",
+    "Method",
+    "Placement",
     "PruneConfig",
+    "PruneResult",
     "Report",
+    "RunPlan",
     "SLEBConfig",
-    "SlimGPTConfig",
     "ShortGPTConfig",
+    "SlimGPTConfig",
     "StepReport",
     "compress",
     "config_for",
+    "configs_for",
+    "estimate_memory",
+    "estimate_seconds",
     "evaluate",
     "load_model",
     "load_pruned",
-    "register_method",
+    "method_names",
+    "plan_run",
+    "prune",
+    "register",
     "save_pruned",
 ]

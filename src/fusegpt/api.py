@@ -1,7 +1,14 @@
-"""The public entry points: ``compress`` (one call does the whole job) and ``evaluate``.
+"""The public entry points.
 
-Methods plug in through :func:`register_method`: a runner receives the adapter, the tokenizer,
-its config and a :class:`StepReport` to fill, and edits the model in place.
+* :func:`prune` — the whole run from a model spec to a saved folder: resolve the settings, plan
+  memory and time (printed before any long work), load, check, :func:`compress`, evaluate, save
+  atomically, remove the run state, close the offloader. The CLI and the sweep call it.
+* :func:`compress` — in memory: prune a loaded model with one config or a chain, return it and
+  its :class:`~fusegpt.report.Report`.
+* :func:`plan_run` — what :func:`prune` would do, from the model's config alone (``--dry-run``).
+* :func:`evaluate` — perplexity, GPTQ protocol.
+
+Methods are found through their records (:mod:`fusegpt.methods`); nothing here names one.
 """
 
 from __future__ import annotations
@@ -9,68 +16,355 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import BlockPruneConfig, EvalConfig, PruneConfig
+from .checkpoint import atomic_write_dir, check_output, save_pruned
 from .data import calibration_windows, check_source, eval_tokens
 from .eval.perplexity import perplexity
-from .models import DecoderAdapter, get_adapter
+from .loading import load_model, model_config
+from .memory import (
+    EstimateEnv,
+    MemoryEstimate,
+    ModelGeometry,
+    check_budget,
+    format_size,
+    parse_size,
+    perplexity_parts,
+)
+from .methods import method_of, parse_chain
+from .methods import registry as _registry
+from .models import get_adapter
+from .offload import offloader_of
 from .report import Report, StepReport, library_versions
+from .runstate import Interrupted, RunContext, clear_state, folder_size, state_root_for
+from .settings import ConfigError, EvalConfig, PruneConfig
+from .timing import format_duration, measure_flops, perplexity_seconds
 from .utils import PeakMemory, count_params, seed_everything
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[DecoderAdapter, object, PruneConfig, StepReport], None]
-_RUNNERS: dict[str, Runner] = {}
+COMMON_SETTINGS = ("preset", "calib_source", "nsamples", "seqlen", "seed")
 
 
-def register_method(*names: str) -> Callable[[Runner], Runner]:
-    """Decorator: ``runner`` performs the methods ``names`` (matching their configs' ``method``)."""
-
-    def deco(fn: Runner) -> Runner:
-        for n in names:
-            _RUNNERS[n] = fn
-        return fn
-
-    return deco
-
-
-def calibration_for(tokenizer, cfg: PruneConfig) -> torch.Tensor:
-    c = cfg.calib
-    return calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, c.seed)
+# ---------------------------------------------------------------------------- configs
+def as_configs(config: PruneConfig | Sequence[PruneConfig]) -> list[PruneConfig]:
+    configs = [config] if isinstance(config, PruneConfig) else list(config)
+    if not configs:
+        raise ConfigError("give at least one pruning config")
+    for c in configs:
+        method_of(c)  # a registered method, or a ConfigError naming the choices
+    return configs
 
 
-@register_method("shortgpt", "sleb", "mi")
-def _run_blocks(adapter: DecoderAdapter, tokenizer, cfg: PruneConfig, step: StepReport) -> None:
-    from .prune.blocks import run_block_pruning
+def configs_for(method: str, sparsity: str | float | Sequence[float], **settings: Any) -> list[PruneConfig]:
+    """Configs of a method chain (``"mi+slimgpt"``) with one sparsity per step.
 
-    assert isinstance(cfg, BlockPruneConfig)
-    run_block_pruning(adapter, calibration_for(tokenizer, cfg), cfg, step)
-
-
-def _load_method_plugins() -> None:
-    """Import the modules that register FuseGPT / MI+FT and SlimGPT / magnitude runners.
-
-    Imported on first use rather than at module import: they import this module themselves.
+    ``settings``: the calibration keys and ``preset`` apply to every step; any other key goes to
+    the steps whose config has it, and a key that no step has is an error. ``None`` = unset.
     """
-    from .prune import fusion, width  # noqa: F401
+    names = parse_chain(method)
+    if isinstance(sparsity, str):
+        try:
+            sparsities = [float(x) for x in sparsity.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"sparsity must be a number in (0, 1) (or a comma list for chains), got {sparsity!r}") \
+                from None
+    elif isinstance(sparsity, (int, float)):
+        sparsities = [float(sparsity)]
+    else:
+        sparsities = [float(x) for x in sparsity]
+    if len(sparsities) != len(names):
+        raise ConfigError(f"give one sparsity per method: {len(names)} method(s) ({', '.join(names)}), "
+                          f"{len(sparsities)} value(s)")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    used: set[str] = set()
+    configs = []
+    for name, s in zip(names, sparsities, strict=True):
+        cls = _registry.get(name).config_cls
+        own = {k: v for k, v in settings.items() if k in cls.setting_names()}
+        used |= set(own)
+        configs.append(cls().with_overrides(sparsity=s, **own))
+    unused = set(settings) - used
+    if unused:
+        raise ConfigError(f"no method in {method!r} has setting(s) {', '.join(sorted(unused))}")
+    return configs
 
 
-def check_plan(model: nn.Module, configs: Sequence[PruneConfig]) -> None:
-    """Validate a run against the model before any long work (sources, seqlen, block budget)."""
-    adapter = get_adapter(model)
-    ctx = adapter.max_context
-    n_layers = n_start = adapter.num_layers
+def resolve_configs(configs: Sequence[PruneConfig], device_type: str) -> list[PruneConfig]:
+    """Every config with its unset fields filled (preset, then defaults) and validated."""
+    return [c.resolve(device_type) for c in as_configs(configs)]
+
+
+def check_plan(model: nn.Module | ModelGeometry, configs: Sequence[PruneConfig]) -> None:
+    """Validate a resolved run against the model (or its geometry) before any long work:
+    data sources, window lengths against the context, the block budget of every step."""
+    g = model if isinstance(model, ModelGeometry) else None
+    if g is None:
+        adapter = get_adapter(model)
+        n_layers, ctx = adapter.num_layers, adapter.max_context
+    else:
+        n_layers, ctx = g.n_layers, g.max_context
+    n_start = n_layers
     for cfg in configs:
-        check_source(cfg.calib.source)
-        if ctx and cfg.calib.seqlen > ctx:
-            raise ValueError(f"seqlen {cfg.calib.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
+        cfg.require_resolved()
+        for src in cfg_sources(cfg):
+            check_source(src)
+        for name, value in cfg_lengths(cfg):
+            if ctx and value > ctx:
+                fix = "lower --seqlen" if name == "seqlen" else f"lower it (--set {name}=...)"
+                raise ConfigError(f"{cfg.method}: {name} {value} exceeds the model's context of {ctx} tokens; {fix}")
         n_layers = cfg.plan_layers(n_layers)
         cfg.plan_chain(n_start, n_layers)
-        if cfg.method not in _RUNNERS:
-            raise ValueError(f"method {cfg.method!r} is not available; choose from {', '.join(sorted(_RUNNERS))}")
+
+
+def cfg_sources(cfg: PruneConfig) -> list[str]:
+    return [getattr(cfg, k) for k in ("calib_source", "ft_source") if getattr(cfg, k, None)]
+
+
+def cfg_lengths(cfg: PruneConfig) -> list[tuple[str, int]]:
+    return [(k, getattr(cfg, k)) for k in ("seqlen", "ft_seqlen") if getattr(cfg, k, None)]
+
+
+# ---------------------------------------------------------------------------- estimates
+def _env(device: str | torch.device, dtype: torch.dtype | None, offload: bool, measure: bool = True) -> EstimateEnv:
+    kind = torch.device(device).type
+    dtype = dtype or (torch.float32 if kind == "cpu" else torch.bfloat16)
+    return EstimateEnv(device_type=kind, nbytes=torch.finfo(dtype).bits // 8, offload=offload,
+                       flops_per_s=measure_flops(str(device)) if measure else EstimateEnv.flops_per_s)
+
+
+def estimate_memory(model_or_config, configs, dtype: torch.dtype | None = None, device: str = "cpu",
+                    eval_config: EvalConfig | None = None, offload: bool = False) -> MemoryEstimate:
+    """Peak memory of pruning ``model_or_config`` (a model, or just its config) with ``configs``:
+    the weights plus the largest working set of any step (:mod:`fusegpt.memory`)."""
+    g = ModelGeometry.of(model_or_config)
+    env = _env(device, dtype, offload, measure=False)
+    resolved = resolve_configs(configs, env.device_type)
+    est = MemoryEstimate(weights=(g.params - g.blocks_params if offload else g.params) * env.nbytes)
+    for cfg in resolved:
+        est.steps.update(method_of(cfg).estimate_memory(g, cfg, env))
+    if eval_config is not None:
+        est.steps["perplexity"] = perplexity_parts(g, eval_config, env)
+    return est
+
+
+def estimate_seconds(model_or_config, configs, device: str = "cpu", eval_config: EvalConfig | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Rough seconds per step (and for evaluation before and after), from the device's measured rate."""
+    g = model_or_config if isinstance(model_or_config, ModelGeometry) else ModelGeometry.of(model_or_config)
+    env = _env(device, dtype, offload=False)
+    out: dict[str, float] = {}
+    n = g.n_layers
+    for i, cfg in enumerate(resolve_configs(configs, env.device_type)):
+        step_g = replace(g, n_layers=n)
+        out[f"{i}-{cfg.method}"] = method_of(cfg).estimate_time(step_g, cfg, env)
+        n = cfg.plan_layers(n)
+    if eval_config is not None:
+        tokens = eval_config.max_tokens or 300_000
+        per = perplexity_seconds(g, tokens, eval_config.seqlen, env) * len(eval_config.data)
+        out["evaluation"] = per + per * n / g.n_layers
+    return out
+
+
+def plan_offload(model_or_config, configs, budget: int | str, device: str = "cpu", eval_config=None,
+                 offload: str | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """Honour a memory ``budget``: the offload storage to use (None: all resident), or MemoryError.
+
+    With ``offload`` already chosen the layer-wise estimate must fit. Otherwise the model stays
+    resident when it fits, and goes layer-wise (blocks on disk) when only that fits; when neither
+    fits, the error gives both figures.
+    """
+    limit = parse_size(budget) if isinstance(budget, str) else int(budget)
+    layerwise = estimate_memory(model_or_config, configs, dtype, device, eval_config, offload=True)
+    if offload is None:
+        resident = estimate_memory(model_or_config, configs, dtype, device, eval_config)
+        if resident.total <= limit:
+            logger.info("memory estimate %s within the budget of %s", resident.describe(), format_size(limit))
+            return None
+        if layerwise.total <= limit:
+            logger.warning("the model does not fit in %s resident (%s); running layer-wise with blocks on disk (%s)",
+                           format_size(limit), format_size(resident.total), layerwise.describe())
+            return "disk"
+        raise MemoryError(
+            f"this run needs about {resident.describe()} resident, and about {layerwise.describe()} layer-wise "
+            f"(--offload disk), both more than the budget of {format_size(limit)}; lower nsamples/seqlen/batch sizes, "
+            "group_size or max_terms (or the preset), use a bf16 model on CUDA, or raise --max-memory")
+    check_budget(layerwise, limit)
+    return offload
+
+
+# ---------------------------------------------------------------------------- plan
+@dataclass
+class Placement:
+    """Where and how the model is loaded: device, dtype, layer-wise offload, multi-GPU map, budget."""
+
+    device: str = "cpu"
+    dtype: torch.dtype | None = None
+    offload: str | None = None
+    offload_folder: str | None = None
+    device_map: Any = None
+    max_memory: str | int | None = None
+
+
+@dataclass
+class RunPlan:
+    """What a run will do: resolved settings with their origins, memory and time estimates."""
+
+    model: str
+    configs: list[PruneConfig]
+    placement: Placement
+    memory: MemoryEstimate
+    seconds: dict[str, float]
+    eval_config: EvalConfig | None = None
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def describe(self) -> str:
+        """The plan as text: each step's settings (with where each value came from), memory, time."""
+        lines = [f"model: {self.model}; device {self.placement.device}"
+                 + (f", layer-wise ({self.placement.offload})" if self.placement.offload else "")]
+        for i, cfg in enumerate(self.configs):
+            origins = cfg.origins
+            lines.append(f"step {i + 1}: {cfg.method}, sparsity {cfg.sparsity}, preset {cfg.preset} "
+                         f"({origins.get('preset')})")
+            for k, v in cfg.to_dict().items():
+                if k in ("method", "calib", "origins", "preset", "sparsity"):
+                    continue
+                lines.append(f"    {k:<16} {v!s:<12} {origins.get(k, '')}")
+        lines.append(f"memory: about {self.memory.describe()}")
+        steps = ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
+        lines.append(f"time: about {format_duration(self.total_seconds)} ({steps}); a rough estimate")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "steps": [c.to_dict() for c in self.configs],
+                "memory_bytes": self.memory.total, "memory": self.memory.describe(),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def plan_run(model_spec: str | None, configs, placement: Placement | None = None,
+             eval_config: EvalConfig | None = None, model_name: str | None = None) -> RunPlan:
+    """Resolve, check and estimate a run from the model's config alone (no weights are read)."""
+    placement = placement or Placement()
+    configs = as_configs(configs)
+    for src in eval_config.data if eval_config else ():
+        check_source(src)
+    config = model_config(model_spec)
+    g = ModelGeometry.of(config)
+    kind = torch.device(placement.device).type
+    resolved = resolve_configs(configs, kind)
+    check_plan(g, resolved)
+    if placement.max_memory is not None:
+        try:
+            offload = plan_offload(config, resolved, placement.max_memory, placement.device, eval_config,
+                                   offload=placement.offload, dtype=placement.dtype)
+        except MemoryError as e:
+            raise ConfigError(str(e)) from None
+        placement = replace(placement, offload=offload)
+    memory = estimate_memory(config, resolved, placement.dtype, placement.device, eval_config,
+                             offload=placement.offload is not None)
+    seconds = estimate_seconds(g, resolved, placement.device, eval_config, placement.dtype)
+    return RunPlan(model=model_name or model_spec or "embedded:SmolLM2-135M-Instruct", configs=resolved,
+                   placement=placement, memory=memory, seconds=seconds, eval_config=eval_config)
+
+
+# ---------------------------------------------------------------------------- run
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the plan, the report (None for a dry run), the output folder."""
+
+    plan: RunPlan
+    report: Report | None = None
+    output: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prune(
+    model_spec: str | None,
+    configs: PruneConfig | Sequence[PruneConfig],
+    output: str | Path,
+    *,
+    placement: Placement | None = None,
+    eval_config: EvalConfig | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    model_name: str | None = None,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    origin: Sequence[int] | None = None,
+    baseline_perplexity: dict[str, float] | None = None,
+    before_save: Callable[[nn.Module, Report], None] | None = None,
+    save_model: bool = True,
+) -> PruneResult:
+    """Prune ``model_spec`` (a folder, hub id, ``.gguf`` or None = embedded) into ``output``.
+
+    Bad input stops with an error before any model work; the resolved plan (settings with their
+    origin, memory, time) is logged first, and ``dry_run`` stops there. Resumable steps keep
+    their state in ``<output>.state/`` (removed after a successful save); ``resume`` continues
+    from it. An interruption raises :class:`~fusegpt.runstate.Interrupted` with that state's
+    place and size. ``model``/``tokenizer``: an already loaded model to prune instead of loading
+    ``model_spec`` (the sweep passes copies of one dense model), with ``origin`` when it was
+    pruned before; ``baseline_perplexity``: the "before" figures when already known;
+    ``before_save(model, report)``: a last hook before the atomic save; ``save_model=False``
+    writes only ``report.json``.
+    """
+    placement = placement or Placement()
+    out = check_output(output, overwrite)
+    name = model_name or model_spec or "embedded:SmolLM2-135M-Instruct"
+    plan = plan_run(model_spec, configs, placement, eval_config, name) if model is None else \
+        _plan_loaded(model, configs, placement, eval_config, name)
+    if dry_run:
+        return PruneResult(plan=plan)
+    logger.info("plan\n%s", plan.describe())
+    if model is None:
+        p = plan.placement
+        model, tokenizer = load_model(model_spec, dtype=p.dtype, device=p.device, offload=p.offload,
+                                      offload_folder=p.offload_folder, device_map=p.device_map)
+    check_plan(model, plan.configs)
+    for c in plan.configs:  # tokenizes and checks each text is long enough, before long work
+        calibration_windows(tokenizer, c.calib_source, c.nsamples, c.seqlen, c.seed)
+    resumable = any(method_of(c).resumable for c in plan.configs)
+    state_root = state_root_for(out) if resumable else None
+    try:
+        model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
+                                 origin=origin, state_dir=state_root, resume=resume,
+                                 baseline_perplexity=baseline_perplexity)
+    except KeyboardInterrupt:
+        kept = state_root if state_root is not None and state_root.is_dir() and any(state_root.iterdir()) else None
+        raise Interrupted(kept, folder_size(kept) if kept else 0, resumable) from None
+    report.extra["estimate"] = {"seconds": {k: round(v, 3) for k, v in plan.seconds.items()},
+                                "memory_bytes": plan.memory.total}
+    if before_save is not None:
+        before_save(model, report)
+    if save_model:
+        save_pruned(model, tokenizer, out, report, overwrite=overwrite)
+    else:
+        atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), overwrite=overwrite)
+    clear_state(state_root)
+    off = offloader_of(model)
+    if off is not None:
+        off.close()  # the edited blocks are in the output now
+    return PruneResult(plan=plan, report=report, output=out, extra={"model": model})
+
+
+def _plan_loaded(model: nn.Module, configs, placement: Placement, eval_config, name: str) -> RunPlan:
+    kind = get_adapter(model).device.type
+    resolved = resolve_configs(configs, kind)
+    check_plan(model, resolved)
+    placement = replace(placement, device=str(get_adapter(model).device))
+    memory = estimate_memory(model, resolved, None, placement.device, eval_config,
+                             offload=offloader_of(model) is not None)
+    seconds = estimate_seconds(model, resolved, placement.device, eval_config)
+    return RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
+                   eval_config=eval_config)
 
 
 def compress(
@@ -79,48 +373,54 @@ def compress(
     config: PruneConfig | Sequence[PruneConfig],
     model_name: str = "",
     eval_config: EvalConfig | None = None,
+    origin: Sequence[int] | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    baseline_perplexity: dict[str, float] | None = None,
 ) -> tuple[nn.Module, Report]:
     """Prune ``model`` in place with one config or a chain of them; return it and the Report.
 
-    With ``eval_config``, perplexity is measured before and after and stored in the report.
+    Unset settings are resolved for the model's device (``cpu`` preset on a CPU, ``paper`` on
+    CUDA). With ``eval_config``, perplexity is measured before (unless ``baseline_perplexity``
+    gives it) and after. ``origin``: original block indices of a model pruned before.
+    ``state_dir``/``resume``: where resumable steps keep their state, and whether to continue it.
     """
-    _load_method_plugins()
-    configs = [config] if isinstance(config, PruneConfig) else list(config)
-    if not configs:
-        raise ValueError("give at least one pruning config")
+    adapter = get_adapter(model, origin)
+    configs = resolve_configs(config, adapter.device.type)
     check_plan(model, configs)
-    adapter = get_adapter(model)
-    device = adapter.device
     report = Report(
         model=model_name or getattr(model.config, "_name_or_path", ""),
-        seed=configs[0].calib.seed,
+        seed=configs[0].seed,
         layers_before=adapter.num_layers,
         params_before=count_params(model),
-        device=str(device),
+        device=str(adapter.device),
         versions=library_versions(),
     )
     if eval_config is not None:
-        report.perplexity["before"] = evaluate(model, tokenizer, eval_config)
+        report.perplexity["before"] = dict(baseline_perplexity) if baseline_perplexity else \
+            evaluate(model, tokenizer, eval_config)
         report.eval_settings = {"seqlen": eval_config.seqlen, "max_tokens": eval_config.max_tokens}
-    # width methods count their sparsity against the decoder as it was when the run started
-    model._fusegpt_run_start = {"decoder_params": sum(p.numel() for p in adapter.layers.parameters()),
-                                "n_layers": adapter.num_layers}
+    ctx = RunContext.start(adapter, tokenizer, state_dir, resume)
     start = time.perf_counter()
-    with PeakMemory(device) as mem:
-        for cfg in configs:
-            seed_everything(cfg.calib.seed)
+    with PeakMemory(adapter.device) as mem:
+        for i, cfg in enumerate(configs):
+            logger.info("%s: sparsity %s, preset %s (%s)", cfg.method, cfg.sparsity, cfg.preset,
+                        cfg.origins.get("preset"))
+            seed_everything(cfg.seed)
+            ctx.step_index = i
             step = StepReport(method=cfg.method, config=cfg.to_dict())
             t0 = time.perf_counter()
-            with PeakMemory(device) as step_mem:
-                _RUNNERS[cfg.method](get_adapter(model), tokenizer, cfg, step)
+            with PeakMemory(adapter.device) as step_mem:
+                method_of(cfg).run(ctx, cfg, step)
             step.wall_time_s = time.perf_counter() - t0
             step.peak_memory_mb = round(step_mem.peak_mb, 1)
             report.steps.append(step)
             logger.info("%s done in %.1fs", cfg.method, step.wall_time_s)
     report.wall_time_s = time.perf_counter() - start
     report.peak_memory_mb = round(mem.peak_mb, 1)
-    report.layers_after = get_adapter(model).num_layers
+    report.layers_after = adapter.num_layers
     report.params_after = count_params(model)
+    report.extra["origin"] = adapter.origin
     if eval_config is not None:
         report.perplexity["after"] = evaluate(model, tokenizer, eval_config)
     return model, report
@@ -136,3 +436,14 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None) -> d
         toks = eval_tokens(tokenizer, src, config.seqlen)
         out[src] = perplexity(model, toks, config.seqlen, config.max_tokens, config.batch_size, desc=f"ppl {src}")
     return out
+
+
+def interrupted_message(err: Interrupted, resume_command: str | None = None) -> str:
+    """What to tell a user whose run was interrupted: where the state is, its size, how to resume."""
+    if err.state is None:
+        why = "" if err.resumable else " (these methods keep no run state)"
+        return f"interrupted; no output was written and nothing was kept to resume from{why}"
+    msg = f"interrupted; no output was written. Run state kept in {err.state} ({format_size(err.size)})"
+    if resume_command:
+        msg += f"; resume with:\n  {resume_command}"
+    return msg

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.width import WIDTH_KEY, is_width_pruned, load_width_pruned
 from .models import adapter_class, check_supported
+from .offload.layerwise import load_offloaded
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WIDTH_KEY = "fusegpt_widths"  # config key that marks a width-pruned checkpoint
 
 
 class ModelLoadError(ValueError):
@@ -121,9 +122,34 @@ def read_config(path: str):
     return config
 
 
-def is_width_pruned(path: str) -> bool:
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and WIDTH_KEY in json.loads(cfg.read_text())
+def model_config(spec: str | None):
+    """The config of ``spec`` without loading (or converting) weights.
+
+    A GGUF file not converted yet is read from its metadata; a width-pruned folder gives its
+    full-width config (estimates from it are upper bounds).
+    """
+    from transformers import AutoConfig
+
+    p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
+    if p.suffix == ".gguf" and p.is_file():
+        out = cache_dir() / EMBEDDED_NAME if spec is None or _is_embedded(p) else \
+            cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
+        if not (out / "config.json").is_file():
+            try:
+                config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+            except Exception as e:  # noqa: BLE001 - any failure to read the metadata ends the same way
+                raise ModelLoadError(f"cannot read the config of {p}: {e}") from None
+            check_supported(config)
+            return config
+    path = resolve_model_path(spec)
+    if is_width_pruned(path):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        raw = json.loads((Path(path) / "config.json").read_text())
+        widths = raw.pop(WIDTH_KEY)
+        raw["model_type"] = widths["model_type"]
+        return CONFIG_MAPPING[widths["model_type"]].from_dict(raw)
+    return read_config(path)
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -148,9 +174,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
     if offload is not None:
         return _load_layerwise(path, dtype, device, offload, offload_folder)
     if Path(path).is_dir() and is_width_pruned(path):
-        from .checkpoint import load_pruned
-
-        return load_pruned(path, dtype=dtype, device=device)
+        return load_width_pruned(path, dtype=dtype, device=device)
     config = read_config(path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
     import transformers
@@ -181,8 +205,6 @@ def _check_device_map(model) -> None:
 def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
     from transformers import AutoTokenizer
 
-    from .offload import load_offloaded
-
     p = Path(path)
     if not p.is_dir():
         try:  # a hub id: fetch the files (weights stay on disk; blocks are read when used)
@@ -199,3 +221,15 @@ def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
         raise ModelLoadError("width-pruned checkpoints cannot be loaded layer-wise yet; load without --offload")
     model = load_offloaded(p, device=device, dtype=dtype, storage=offload, folder=folder)
     return model, AutoTokenizer.from_pretrained(str(p))
+
+
+def load_pruned(path: str | Path, dtype=None, device="cpu"):
+    """Load a fusegpt checkpoint: ``(model, tokenizer)``.
+
+    Depth-pruned and fused checkpoints are plain transformers checkpoints; width-pruned ones
+    are rebuilt at their per-layer widths (``fusegpt_widths`` in the config).
+    """
+    path = str(path)
+    if is_width_pruned(path):
+        return load_width_pruned(path, dtype=dtype, device=device)
+    return load_model(path, dtype=dtype, device=device)

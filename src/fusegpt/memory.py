@@ -8,6 +8,9 @@ bf16/fp16), ``P`` the parameter count, ``L`` blocks, ``h`` hidden size, ``I`` FF
 query heads, ``V`` vocabulary, ``P_blk`` parameters per block:
 
 * **weights** ``= P·b``;
+The parts below are each method's own estimate (its record in :mod:`fusegpt.methods`); this
+module holds the geometry and the shared pieces.
+
 * **block scoring** (ShortGPT/SLEB/MI, and FuseGPT's MI ranking): the states entering every block
   are kept for one calibration batch ``B×T`` so each candidate restarts from its own input:
   ``(L+1)·B·T·h·b``; plus one block's activations ``act(B, T)`` and, for SLEB, the fp32 logits
@@ -38,11 +41,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .models import get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +98,9 @@ class MemoryEstimate:
 
 
 @dataclass
-class _Geometry:
+class ModelGeometry:
+    """The sizes estimates need, read from a model or from its config alone."""
+
     params: int
     n_layers: int
     hidden: int
@@ -105,6 +111,28 @@ class _Geometry:
     block_params: int
     blocks_params: int  # all blocks together
     roles_io: int  # Σ over a block's linear roles of (in + out)
+    max_context: int | None = None
+
+    @classmethod
+    def of(cls, model_or_config) -> ModelGeometry:
+        """From a loaded model, or from a config (a meta-device copy counts parameters; nothing is allocated)."""
+        model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
+        a = get_adapter(model)
+        block = a.layers[0]
+        roles = a.linear_roles(block)
+        return cls(
+            params=sum(p.numel() for p in model.parameters()),
+            n_layers=a.num_layers,
+            hidden=a.config.hidden_size,
+            ffn=a.intermediate_size(block),
+            heads=a.num_heads(block),
+            head_dim=a.head_dim,
+            vocab=a.config.vocab_size,
+            block_params=max(sum(p.numel() for p in blk.parameters()) for blk in a.layers),
+            blocks_params=sum(p.numel() for p in a.layers.parameters()),
+            roles_io=sum(m.in_features + m.out_features for m in roles.values()),
+            max_context=a.max_context,
+        )
 
 
 def _meta_model(config) -> nn.Module:
@@ -118,91 +146,39 @@ def _meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _geometry(model_or_config) -> _Geometry:
-    from .models import get_adapter
+@dataclass
+class EstimateEnv:
+    """Where a run executes, as estimates need it.
 
-    model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
-    a = get_adapter(model)
-    block = a.layers[0]
-    roles = a.linear_roles(block)
-    return _Geometry(
-        params=sum(p.numel() for p in model.parameters()),
-        n_layers=a.num_layers,
-        hidden=a.config.hidden_size,
-        ffn=a.intermediate_size(block),
-        heads=a.num_heads(block),
-        head_dim=a.head_dim,
-        vocab=a.config.vocab_size,
-        block_params=max(sum(p.numel() for p in blk.parameters()) for blk in a.layers),
-        blocks_params=sum(p.numel() for p in a.layers.parameters()),
-        roles_io=sum(m.in_features + m.out_features for m in roles.values()),
-    )
+    ``nbytes``: bytes per model value; ``offload``: layer-wise execution; ``flops_per_s``: the
+    device's measured dense matmul rate (:func:`fusegpt.timing.measure_flops`).
+    """
+
+    device_type: str = "cpu"
+    nbytes: int = 4
+    offload: bool = False
+    flops_per_s: float = 5e10
+
+    @property
+    def scores(self) -> bool:
+        """Attention scores materialised (CPU math / eager; SDPA kernels on CUDA do not)."""
+        return self.device_type != "cuda"
+
+    def resident_block(self, g: ModelGeometry) -> int:
+        """Bytes of one block brought onto the device (0 when the whole model is resident)."""
+        return g.block_params * self.nbytes if self.offload else 0
 
 
-def _act(g: _Geometry, batch: int, seqlen: int, nbytes: int, scores: bool = True) -> int:
+def act_bytes(g: ModelGeometry, batch: int, seqlen: int, nbytes: int, scores: bool = True) -> int:
+    """Activations of one block forward: projections, FFN intermediates (+ attention scores)."""
     dense = batch * seqlen * (4 * g.hidden + 3 * g.ffn + 3 * g.heads * g.head_dim) * nbytes
     return dense + (3 * batch * g.heads * seqlen * seqlen * 4 if scores else 0)  # scores, softmax, mask
 
 
-def estimate_memory(model_or_config, configs, dtype: torch.dtype = torch.float32, device_type: str = "cpu",
-                    eval_config=None, offload: bool = False) -> MemoryEstimate:
-    """Estimate the peak memory of pruning ``model_or_config`` with ``configs`` (see the module doc).
-
-    ``model_or_config``: a loaded model or just its config (a meta-device copy is built to count
-    parameters; nothing is allocated). ``configs``: one method config or a chain. ``offload``:
-    layer-wise execution, where only the non-block weights stay and each step adds the blocks it
-    holds at once.
-    """
-    from .config import GroupTrainConfig, PruneConfig
-
-    g = _geometry(model_or_config)
-    b = torch.finfo(dtype).bits // 8
-    sc = device_type != "cuda"  # attention scores materialised (CPU math / eager)
-    blk = g.block_params * b if offload else 0  # one resident block (0: already in the weights)
-    est = MemoryEstimate(weights=(g.params - g.blocks_params if offload else g.params) * b)
-    configs = [configs] if isinstance(configs, PruneConfig) else list(configs)
-    for cfg in configs:
-        name = cfg.method
-        if isinstance(cfg, GroupTrainConfig):
-            r = cfg.resolved(device_type)
-            calib = r["calib"]
-            gs = min(r["group_size"], g.n_layers)
-            terms = max(1, r.get("max_terms") or 1) if name == "fusegpt" else 0
-            trainable = (gs - 1) * (r["lora_rank"] + terms * r.get("coef_rank", 0)) * g.roles_io
-            est.steps[f"{name} MI ranking"] = {
-                "resident blocks": blk,
-                "cached states": (g.n_layers + 1) * cfg.mi_batch_size * calib.seqlen * g.hidden * b,
-                "activations": _act(g, cfg.mi_batch_size, calib.seqlen, b, scores=sc),
-            }
-            est.steps[f"{name} group training"] = {
-                # the group, plus each student's copies of fused weights (separate once stored)
-                "resident blocks": blk * (gs + (gs - 1) * terms),
-                "group inputs+targets": 2 * r["ft_nsamples"] * r["ft_seqlen"] * g.hidden * b,
-                "trainable+Adam": 16 * trainable,
-                "effective weights+grads": 2 * (gs - 1) * g.block_params * 4,
-                "activations": (gs - 1) * _act(g, r["batch_size"], r["ft_seqlen"], 4, scores=sc),
-            }
-        elif name in ("slimgpt", "magnitude"):
-            cal = cfg.calib
-            widest = max(g.heads * g.head_dim, g.ffn)
-            est.steps[name] = {
-                "resident blocks": blk,
-                "cached states": 0 if name == "magnitude" else 2 * cal.nsamples * cal.seqlen * g.hidden * b,
-                # fp32 H + its fp64 copy and Cholesky factor at the peak of the inverse
-                "Hessian": 0 if name == "magnitude" else 5 * widest * widest * 4,
-                "activations": _act(g, getattr(cfg, "batch_size", 1), cal.seqlen, b, scores=sc),
-            }
-        else:  # block scorers
-            cal = cfg.calib
-            parts = {"resident blocks": blk, "cached states": (g.n_layers + 1) * cal.seqlen * g.hidden * b,
-                     "activations": _act(g, 1, cal.seqlen, b, scores=sc)}
-            if name == "sleb":
-                parts["logits"] = cal.seqlen * g.vocab * 4
-            est.steps[name] = parts
-    if eval_config is not None:
-        bs, t = eval_config.batch_size, eval_config.seqlen
-        est.steps["perplexity"] = {"resident blocks": blk, "logits": 2 * bs * t * g.vocab * 4, "activations": _act(g, bs, t, b, scores=sc)}
-    return est
+def perplexity_parts(g: ModelGeometry, eval_config, env: EstimateEnv) -> dict[str, int]:
+    bs, t = eval_config.batch_size, eval_config.seqlen
+    return {"resident blocks": env.resident_block(g), "logits": 2 * bs * t * g.vocab * 4,
+            "activations": act_bytes(g, bs, t, env.nbytes, scores=env.scores)}
 
 
 def check_budget(estimate: MemoryEstimate, budget: int | str) -> None:
@@ -215,39 +191,3 @@ def check_budget(estimate: MemoryEstimate, budget: int | str) -> None:
             "or raise --max-memory"
         )
     logger.info("memory estimate %s within the budget of %s", estimate.describe(), format_size(limit))
-
-
-def estimate_for_run(model_or_config, configs: Sequence, device: str = "cpu", eval_config=None,
-                     offload: bool = False, dtype: torch.dtype | None = None) -> MemoryEstimate:
-    """:func:`estimate_memory` with the dtype fusegpt loads in on ``device`` (fp32 on CPU, bf16 on CUDA)."""
-    kind = torch.device(device).type
-    dtype = dtype or (torch.float32 if kind == "cpu" else torch.bfloat16)
-    return estimate_memory(model_or_config, configs, dtype=dtype, device_type=kind, eval_config=eval_config,
-                           offload=offload)
-
-
-def plan_offload(model_or_config, configs: Sequence, budget: int | str, device: str = "cpu", eval_config=None,
-                 offload: str | None = None, dtype: torch.dtype | None = None) -> str | None:
-    """Honour a memory ``budget``: the offload storage to use (None: all resident), or MemoryError.
-
-    With ``offload`` already chosen the layer-wise estimate must fit. Otherwise the model stays
-    resident when it fits, and goes layer-wise (blocks on disk) when only that fits; when neither
-    fits, the error gives both figures.
-    """
-    limit = parse_size(budget) if isinstance(budget, str) else int(budget)
-    layerwise = estimate_for_run(model_or_config, configs, device, eval_config, offload=True, dtype=dtype)
-    if offload is None:
-        resident = estimate_for_run(model_or_config, configs, device, eval_config, dtype=dtype)
-        if resident.total <= limit:
-            logger.info("memory estimate %s within the budget of %s", resident.describe(), format_size(limit))
-            return None
-        if layerwise.total <= limit:
-            logger.warning("the model does not fit in %s resident (%s); running layer-wise with blocks on disk (%s)",
-                           format_size(limit), format_size(resident.total), layerwise.describe())
-            return "disk"
-        raise MemoryError(
-            f"this run needs about {resident.describe()} resident, and about {layerwise.describe()} layer-wise "
-            f"(--offload disk), both more than the budget of {format_size(limit)}; lower nsamples/seqlen/batch sizes, "
-            "group_size or max_terms (or the preset), use a bf16 model on CUDA, or raise --max-memory")
-    check_budget(layerwise, limit)
-    return offload

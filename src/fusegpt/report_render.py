@@ -56,7 +56,7 @@ def _widths_from_config(run_dir: Path) -> dict[str, Any] | None:
     cfg = run_dir / "config.json"
     if not cfg.is_file():
         return None
-    from .loading import WIDTH_KEY
+    from .checkpoint.width import WIDTH_KEY
 
     return json.loads(cfg.read_text()).get(WIDTH_KEY)
 

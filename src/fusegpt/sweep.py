@@ -21,18 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import METHOD_CONFIGS, ConfigError, EvalConfig, PruneConfig, blocks_to_remove, config_for
-from .models import get_adapter
+import torch
+
+from .api import Placement, configs_for, prune
+from .loading import load_model
+from .methods import registry
+from .report import Report, StepReport
+from .settings import ConfigError, EvalConfig, PruneConfig, blocks_to_remove
 
 logger = logging.getLogger(__name__)
 
-CALIB_KEYS = ("nsamples", "seqlen", "seed", "calib_source")
-CONTINUABLE = ("sleb", "mi")  # greedy one-block-per-iteration methods without randomness
+CALIB_KEYS = ("nsamples", "seqlen", "seed", "calib_source", "preset")
 
 
 def cell_name(method: str, sparsity: float) -> str:
@@ -41,54 +44,47 @@ def cell_name(method: str, sparsity: float) -> str:
 
 def sweep_configs(methods: Sequence[str], sparsities: Sequence[float], settings: dict[str, Any] | None = None,
                   ) -> dict[tuple[str, float], PruneConfig]:
-    """One config per (method, sparsity). ``settings``: calibration keys apply to every method;
-    any other key (``preset``, ``--set`` values) goes to the methods whose config has that field,
-    and a key that no method has is an error."""
+    """One (unresolved) config per (method, sparsity). ``settings``: calibration keys and ``preset``
+    apply to every method; any other key (``--set`` values) goes to the methods whose config has
+    that field, and a key that no method has is an error."""
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    for m in methods:
-        if m not in METHOD_CONFIGS:
-            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(sorted(METHOD_CONFIGS))}")
+    classes = {m: registry.get(m).config_cls for m in methods}
     own_keys = set(settings) - set(CALIB_KEYS)
-    used = {k for k in own_keys for m in methods if k in METHOD_CONFIGS[m].__dataclass_fields__}
+    used = {k for k in own_keys for cls in classes.values() if k in cls.setting_names()}
     if own_keys - used:
         raise ConfigError(f"no method in this sweep has setting(s) {', '.join(sorted(own_keys - used))}")
     out = {}
-    for m in methods:
-        fields = METHOD_CONFIGS[m].__dataclass_fields__
-        kw = {k: v for k, v in settings.items() if k in CALIB_KEYS or k in fields}
+    for m, cls in classes.items():
+        kw = {k: v for k, v in settings.items() if k in cls.setting_names()}
         for s in sparsities:
-            out[(m, float(s))] = config_for(m, sparsity=float(s), **kw)
+            out[(m, float(s))] = configs_for(m, float(s), **kw)[0]
     return out
 
 
-def _continuation(prev: tuple[Any, dict[str, Any]] | None, cfg: PruneConfig, n_dense: int, load_model, device: str,
-                  ) -> tuple[Any, dict[str, Any]] | None:
-    """The model and report of the same method's smaller-sparsity cell, when ``cfg`` can continue it.
-
-    SLEB and MI remove one block per iteration, greedily and without randomness, so the first
-    k₁ removals of a k₂-block run are exactly the k₁-block run: the larger cell continues from
-    the smaller one (same config apart from the sparsity, same calibration windows).
-    """
+def _continuation(prev: tuple[Any, dict[str, Any]] | None, cfg: PruneConfig, n_dense: int, device: str,
+                  ) -> tuple[Any, dict[str, Any], list[int]] | None:
+    """The model, report and block origin of the same method's smaller-sparsity cell, when ``cfg``
+    can continue it (a method whose record says ``continues_smaller``: greedy and deterministic, so
+    the first k₁ removals of a k₂-block run are exactly the k₁-block run)."""
     if prev is None:
         return None
     model, rep = prev
     old = dict(rep["steps"][0]["config"]) if len(rep.get("steps", [])) == 1 else None
     new = cfg.to_dict()
-    if old is None or {k: v for k, v in old.items() if k != "sparsity"} != {k: v for k, v in new.items() if k != "sparsity"}:
+    skip = ("sparsity", "origins")
+    if old is None or {k: v for k, v in old.items() if k not in skip} != {k: v for k, v in new.items() if k not in skip}:
         return None
     if len(rep["removed"]) >= blocks_to_remove(n_dense, cfg.sparsity):
         return None
+    origin = [i for i in range(n_dense) if i not in set(rep["removed"])]
     if model is None:  # finished in an earlier invocation: reload its checkpoint
         model, _ = load_model(str(rep["path"]), device=device)
-        model._fusegpt_origin = [i for i in range(n_dense) if i not in set(rep["removed"])]
         rep = {k: v for k, v in rep.items() if k != "path"}
-    return model, rep
+    return model, rep, origin
 
 
-def _merge(prev: dict[str, Any], report, cfg: PruneConfig):
-    """One report for the whole run: the earlier cell's iterations, then this run's."""
-    from .report import Report, StepReport
-
+def _merge(prev: dict[str, Any], report: Report, cfg: PruneConfig) -> None:
+    """Make ``report`` one report for the whole run: the earlier cell's iterations, then this run's."""
     step = report.steps[0]
     p = prev["steps"][0]
     iters = [dict(it) for it in p["iterations"]] + [dict(it) for it in step.iterations]
@@ -99,12 +95,13 @@ def _merge(prev: dict[str, Any], report, cfg: PruneConfig):
                         wall_time_s=p["wall_time_s"] + step.wall_time_s,
                         peak_memory_mb=max(x for x in (p.get("peak_memory_mb"), step.peak_memory_mb) if x is not None)
                         if (p.get("peak_memory_mb") or step.peak_memory_mb) else None)
-    return Report(model=report.model, seed=report.seed, steps=[merged], layers_before=prev["layers_before"],
-                  layers_after=report.layers_after, params_before=prev["params_before"],
-                  params_after=report.params_after, wall_time_s=prev["wall_time_s"] + report.wall_time_s,
-                  peak_memory_mb=merged.peak_memory_mb, device=report.device, versions=report.versions,
-                  extra={"sweep": {"continued_from": prev["extra"]["sweep"]["cell"],
-                                   "note": "the first iterations are the continued cell's; wall time includes them"}})
+    report.steps = [merged]
+    report.layers_before = prev["layers_before"]
+    report.params_before = prev["params_before"]
+    report.wall_time_s = prev["wall_time_s"] + report.wall_time_s
+    report.peak_memory_mb = merged.peak_memory_mb
+    report.extra["sweep"] = {"continued_from": prev["extra"]["sweep"]["cell"],
+                             "note": "the first iterations are the continued cell's; wall time includes them"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -129,21 +126,23 @@ def run_sweep(
     save_checkpoints: bool = True,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep into ``output``; returns the table (also in ``sweep.json``)."""
+    """Run (or resume) the sweep into ``output``; returns the table (also in ``sweep.json``).
+
+    Every cell goes through :func:`fusegpt.prune` with a copy of the one dense model.
+    """
     from . import api
-    from .checkpoint import atomic_write_dir, save_pruned
     from .data import calibration_windows
-    from .loading import load_model
 
     eval_config = eval_config or EvalConfig()
     configs = sweep_configs(methods, sparsities, settings)
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(model_spec, device=device)
-    api._load_method_plugins()
+    kind = torch.device(device).type
     for cfg in configs.values():  # every budget and data source checked before any long work
-        api.check_plan(model, [cfg])
-        calibration_windows(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed)
+        r = cfg.resolve(kind)
+        api.check_plan(model, [r])
+        calibration_windows(tok, r.calib_source, r.nsamples, r.seqlen, r.seed)
 
     def zs(m) -> dict[str, Any] | None:
         if not tasks:
@@ -164,51 +163,46 @@ def run_sweep(
                  "layers": model.config.num_hidden_layers, "zeroshot": zs(model)}
         _write_json(dense_path, dense)
 
-    last: dict[str, tuple[Any, dict[str, Any]]] = {}  # method -> (pruned model, report dict) of its last cell
+    last: dict[str, tuple[Any, dict[str, Any]] | None] = {}  # method -> (pruned model, report dict) of its last cell
     for m in methods:
+        continues = registry.get(m).continues_smaller
         for s in sorted(float(x) for x in sparsities):
-            cfg = configs[(m, s)]
+            cfg = configs[(m, s)].resolve(kind)
             cell = out / cell_name(m, s)
             if (cell / "report.json").is_file():
                 logger.info("%s: finished earlier, skipped", cell.name)
                 last.pop(m, None)
-                if m in CONTINUABLE and (cell / "config.json").is_file():
+                if continues and (cell / "config.json").is_file():
                     last[m] = (None, {"path": cell, **_read_json(cell / "report.json")})
                 continue
-            if "state_dir" in type(cfg).__dataclass_fields__:  # per-block state of FuseGPT / MI+FT
-                state = Path(f"{cell}.state")
-                cfg = cfg.with_overrides(state_dir=str(state), resume=state.is_dir() and any(state.iterdir()))
-            prev = _continuation(last.get(m), cfg, dense["layers"], load_model, device)
+            prev = _continuation(last.get(m), cfg, dense["layers"], device)
+            state = Path(f"{cell}.state")
+            resume = state.is_dir() and any(state.iterdir())
+
+            def finish(pruned, report, prev=prev, cell=cell, cfg=cfg) -> None:
+                if prev is not None:
+                    _merge(prev[1], report, cfg)
+                report.eval_settings = eval_settings
+                report.extra.setdefault("sweep", {}).update(cell=cell.name)
+                z = zs(pruned)
+                if z is not None:
+                    report.extra["zeroshot"] = z
+
+            common = dict(eval_config=eval_config, overwrite=True, resume=resume, tokenizer=tok,
+                          baseline_perplexity=dense["perplexity"], before_save=finish, save_model=save_checkpoints,
+                          model_name=dense["model"], placement=Placement(device=device))
             if prev is not None:
-                base_model, prev_rep = prev
-                pruned = copy.deepcopy(base_model)
+                base_model, prev_rep, origin = prev
+                n_now = len(origin)
                 step_cfg = cfg.with_overrides(sparsity=(blocks_to_remove(dense["layers"], s) - len(prev_rep["removed"]))
-                                              / get_adapter(pruned).num_layers - 1e-12)
+                                              / n_now - 1e-12)
                 logger.info("%s: continuing %s's greedy removal (%d blocks done)", cell.name,
                             prev_rep["extra"]["sweep"]["cell"], len(prev_rep["removed"]))
-                pruned, report = api.compress(pruned, tok, step_cfg, model_name=dense["model"])
-                report = _merge(prev_rep, report, cfg)
+                res = prune(model_spec, step_cfg, cell, model=copy.deepcopy(base_model), origin=origin, **common)
             else:
                 logger.info("%s: pruning", cell.name)
-                pruned = copy.deepcopy(model)
-                pruned, report = api.compress(pruned, tok, cfg, model_name=dense["model"])
-            report.perplexity["before"] = dict(dense["perplexity"])
-            t0 = time.perf_counter()
-            report.perplexity["after"] = api.evaluate(pruned, tok, eval_config)
-            report.eval_settings = eval_settings
-            report.extra.setdefault("sweep", {}).update(cell=cell.name, eval_time_s=round(time.perf_counter() - t0, 1))
-            z = zs(pruned)
-            if z is not None:
-                report.extra["zeroshot"] = z
-            if save_checkpoints:
-                save_pruned(pruned, tok, cell, report, overwrite=True)
-            else:
-                atomic_write_dir(cell, lambda tmp, r=report: r.save(tmp / "report.json"), overwrite=True)
-            if getattr(cfg, "state_dir", None):
-                import shutil
-
-                shutil.rmtree(cfg.state_dir, ignore_errors=True)
-            last[m] = (pruned, report.to_dict()) if m in CONTINUABLE else None
+                res = prune(model_spec, cfg, cell, model=copy.deepcopy(model), **common)
+            last[m] = (res.extra["model"], res.report.to_dict()) if continues else None
     table = collect(out, methods, sparsities)
     _write_json(out / "sweep.json", table)
     (out / "sweep.md").write_text(to_markdown(table))

@@ -30,6 +30,14 @@ from ..utils import PeakMemory, count_params
 logger = logging.getLogger(__name__)
 
 
+def _cache_name(model) -> str:
+    """The KV-cache argument and output field: ``cache`` in newer transformers, ``past_key_values``
+    before (the old name now prints a FutureWarning on every decode step)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,13 +105,15 @@ def bench_model(
                 pre = _measure(prefill, warmup, repeats, device)
                 first = model(ids, use_cache=True)  # one prefill; each decode run starts from a copy of its cache
 
-                def decode(first=first):
-                    past, nxt = copy.deepcopy(first.past_key_values), first.logits[:, -1:].argmax(-1)
+                kw = _cache_name(model)
+
+                def decode(first=first, kw=kw):
+                    past, nxt = copy.deepcopy(getattr(first, kw)), first.logits[:, -1:].argmax(-1)
                     _sync(device)
                     t0 = time.perf_counter()
                     for _ in range(decode_tokens):
-                        out = model(nxt, past_key_values=past, use_cache=True)
-                        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                        out = model(nxt, use_cache=True, **{kw: past})
+                        past, nxt = getattr(out, kw), out.logits[:, -1:].argmax(-1)
                     _sync(device)
                     return time.perf_counter() - t0
 

@@ -9,11 +9,15 @@ family of architectures and is registered for its ``config.model_type`` values i
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..offload.store import offloader_of
 
 # Canonical linear-layer roles inside a decoder block, in forward order.
 ATTN_IN_ROLES = ("q_proj", "k_proj", "v_proj")
@@ -47,9 +51,12 @@ class DecoderAdapter:
     auto_class: str = "AutoModelForCausalLM"
     attn_implementation: str = "sdpa"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, origin: Sequence[int] | None = None):
         self.model = model
         self.config = model.config
+        self._origin = list(origin) if origin is not None else None
+        if self._origin is not None and len(self._origin) != self.num_layers:
+            raise ValueError(f"origin lists {len(self._origin)} blocks, the model has {self.num_layers}")
 
     # ------------------------------------------------------------------ structure
     @property
@@ -156,21 +163,16 @@ class DecoderAdapter:
         rotary = getattr(self.decoder, "rotary_emb", None)
         pos_emb = rotary(hidden, position_ids=position_ids) if rotary is not None else None
         masks: dict[str, torch.Tensor | None] = {}
-        kwargs = dict(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-            position_ids=position_ids,
-        )
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids)
         for kind in {self.layer_type(i) for i in range(self.num_layers)}:
             fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = fn(**kwargs)
+            masks[kind] = fn(**kwargs, **{_cache_arg(fn): None})
         return BlockContext(position_ids=position_ids, position_embeddings=pos_emb, masks=masks)
 
     # ------------------------------------------------------------------ layer-wise execution
     @property
     def offloader(self):
         """The :class:`~fusegpt.offload.BlockOffloader` of this model, or None when resident."""
-        from ..offload import offloader_of
-
         return offloader_of(self.model)
 
     def block_prefixes(self) -> list[str]:
@@ -274,30 +276,45 @@ class DecoderAdapter:
     # ------------------------------------------------------------------ editing
     @property
     def origin(self) -> list[int]:
-        """Original index (in the unpruned model) of each current block."""
-        origin = getattr(self.model, "_fusegpt_origin", None)
-        return list(origin) if origin is not None else list(range(self.num_layers))
+        """Original index (in the model the run started from) of each current block.
+
+        Kept on this adapter, which a run creates once (:class:`fusegpt.runstate.RunContext`);
+        a model pruned earlier passes its origin in (``compress(..., origin=...)``).
+        """
+        return list(self._origin) if self._origin is not None else list(range(self.num_layers))
+
+    def check_removable(self) -> None:
+        """Raise ValueError when this model's blocks cannot be removed (a family hook)."""
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self.decoder.layers = layers
+
+    def _reindex(self, block: nn.Module, index: int) -> None:
+        """Give ``block`` its new position (the KV cache is keyed by the attention's ``layer_idx``)."""
+        attn = getattr(block, "self_attn", None)
+        if hasattr(attn, "layer_idx"):
+            attn.layer_idx = index
+        if hasattr(block, "layer_idx"):
+            block.layer_idx = index
 
     def keep_layers(self, keep: Sequence[int]) -> None:
         """Keep only the blocks at ``keep`` (in that order) and fix what the runtime indexes.
 
-        Re-indexes each attention module's ``layer_idx`` (the KV cache is keyed by it), sets
-        ``config.num_hidden_layers`` and trims ``config.layer_types`` where present.
+        Re-indexes each block (:meth:`_reindex`), sets ``config.num_hidden_layers``, trims
+        ``config.layer_types`` and ``max_window_layers`` where present, and drops the removed
+        blocks from an offloader's store.
         """
+        self.check_removable()
         keep = list(keep)
         if sorted(set(keep)) != keep or not keep or keep[-1] >= self.num_layers:
             raise ValueError(f"keep must be increasing block indices in [0, {self.num_layers}), got {keep}")
         origin = self.origin
-        self.model._fusegpt_origin = [origin[i] for i in keep]
         types = getattr(self.config, "layer_types", None)
         new_layers = nn.ModuleList([self.layers[i] for i in keep])
-        self.decoder.layers = new_layers
+        self._set_layers(new_layers)
+        self._origin = [origin[i] for i in keep]
         for new_idx, block in enumerate(new_layers):
-            attn = block.self_attn
-            if hasattr(attn, "layer_idx"):
-                attn.layer_idx = new_idx
-            if hasattr(block, "layer_idx"):
-                block.layer_idx = new_idx
+            self._reindex(block, new_idx)
         self.config.num_hidden_layers = len(keep)
         if self.offloader is not None:
             self.offloader.forget(new_layers)
@@ -306,6 +323,13 @@ class DecoderAdapter:
         mwl = getattr(self.config, "max_window_layers", None)
         if isinstance(mwl, int) and mwl > len(keep):
             self.config.max_window_layers = len(keep)
+
+
+@functools.cache
+def _cache_arg(fn) -> str:
+    """The mask builders' cache argument: ``cache`` in newer transformers, ``past_key_values`` before
+    (passing the old name now prints a FutureWarning into every progress bar)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def _block_device(block: nn.Module) -> torch.device | None:

@@ -70,8 +70,8 @@ class GPT2Adapter(DecoderAdapter):
     _ATTR = {"qkv_proj": ("attn", "c_attn"), "o_proj": ("attn", "c_proj"), "up_proj": ("mlp", "c_fc"),
              "down_proj": ("mlp", "c_proj")}
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, origin: Sequence[int] | None = None):
+        super().__init__(model, origin)
         for block in self.layers:
             for parent, name in self._ATTR.values():
                 owner = getattr(block, parent)
@@ -134,18 +134,13 @@ class GPT2Adapter(DecoderAdapter):
         return self.decoder.drop(self.decoder.wte(input_ids) + self.decoder.wpe(positions))
 
     # ------------------------------------------------------------------ editing
-    def keep_layers(self, keep: Sequence[int]) -> None:
-        """As :meth:`DecoderAdapter.keep_layers`, on ``transformer.h`` and ``config.n_layer``."""
+    def check_removable(self) -> None:
         if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
             raise ValueError("cannot remove blocks of a GPT-2 with scale_attn_by_inverse_layer_idx=True: "
                              "its attention scale depends on the layer index")
-        keep = list(keep)
-        if sorted(set(keep)) != keep or not keep or keep[-1] >= self.num_layers:
-            raise ValueError(f"keep must be increasing block indices in [0, {self.num_layers}), got {keep}")
-        origin = self.origin
-        self.model._fusegpt_origin = [origin[i] for i in keep]
-        new_layers = nn.ModuleList([self.layers[i] for i in keep])
-        self.decoder.h = new_layers
-        for new_idx, block in enumerate(new_layers):
-            block.attn.layer_idx = new_idx
-        self.config.num_hidden_layers = len(keep)
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self.decoder.h = layers
+
+    def _reindex(self, block: nn.Module, index: int) -> None:
+        block.attn.layer_idx = index

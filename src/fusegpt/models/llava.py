@@ -40,7 +40,7 @@ class LlavaAdapter(DecoderAdapter):
     model_types = ("llava",)
     auto_class = "AutoModelForImageTextToText"  # not an AutoModelForCausalLM type; its language tower is pruned
 
-    def __new__(cls, model: nn.Module):
+    def __new__(cls, model: nn.Module, origin=None):
         if cls is not LlavaAdapter:
             return super().__new__(cls)
         text_type = model.config.text_config.model_type
@@ -49,8 +49,8 @@ class LlavaAdapter(DecoderAdapter):
                              f"supported towers: {', '.join(_TEXT_TYPES)}")
         return super().__new__(_combined(adapter_class(text_type)))
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, origin=None):
+        super().__init__(model, origin)
         self.config = model.config.text_config
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -39,9 +39,12 @@ def check_supported(config) -> None:
     adapter_class(getattr(config, "model_type", "?"))
 
 
-def get_adapter(model: nn.Module) -> DecoderAdapter:
-    """Wrap ``model`` in the adapter registered for its ``config.model_type``."""
-    return adapter_class(model.config.model_type)(model)
+def get_adapter(model: nn.Module, origin: Sequence[int] | None = None) -> DecoderAdapter:
+    """Wrap ``model`` in the adapter registered for its ``config.model_type``.
+
+    ``origin``: original index of each current block, for a model pruned before (default 0…L−1).
+    """
+    return adapter_class(model.config.model_type)(model, origin)
 
 
 AdapterFactory = Callable[[nn.Module], DecoderAdapter]

@@ -11,9 +11,11 @@ Per iteration, until ceil(L·s) blocks are gone:
 5. drop p. At the end every fused layer is merged into a plain ``nn.Linear`` (fp32, cast back),
    so the checkpoint is an ordinary one that stock ``transformers`` loads.
 
-MI+FT (``mi+ft``) runs the same loop without step 3: LoRA and norms of the group are trained.
+MI+FT (``mi+ft``, :mod:`fusegpt.methods.mi_ft`) runs the same loop without step 3: LoRA and
+norms of the group are trained.
 
-Deviations from the paper, all settings (see ``GROUP_TRAIN_PRESETS`` in :mod:`fusegpt.config`):
+Deviations from the paper, all settings (see ``GROUP_TRAIN_PRESETS`` in
+:mod:`fusegpt.methods.fusegpt.config`):
 the ``cpu`` preset uses the MSE loss (the paper's batch-softmax KL measured worse than no
 training here), LoRA at the coefficients' learning rate, and smaller ranks, sets and epochs.
 Older fused terms are merged into the frozen weight after training (not before), so a failed
@@ -23,27 +25,34 @@ training can restore the group exactly.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..api import register_method
-from ..config import FuseGPTConfig, GroupTrainConfig, MIFTConfig
-from ..data import calibration_windows
-from ..importance import candidate_blocks, lowest, mi_scores
-from ..models import DecoderAdapter
-from ..report import StepReport
-from .blocks import remove_blocks, scores_by_origin
-from .fused_linear import FusedLinear, frozen_weight
-from .fusion_state import has_state, load_state, save_state
-from .fusion_train import TrainSettings, eval_loss, group_window, run_group, train_group
+from ...blocks import remove_blocks, scores_by_origin
+from ...data import calibration_windows
+from ...fusion import (
+    FusedLinear,
+    TrainSettings,
+    eval_loss,
+    frozen_weight,
+    group_window,
+    run_group,
+    train_group,
+)
+from ...importance import candidate_blocks, lowest, mi_scores
+from ...models import DecoderAdapter
+from ...report import StepReport
+from ...runstate import RunContext
+from .config import GroupTrainConfig
+from .state import has_state, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FusedLinear", "group_window", "merge_model", "run_group_pruning"]
+__all__ = ["merge_model", "run_group_pruning"]
+
 
 def _amp_dtype(adapter: DecoderAdapter, setting: str) -> torch.dtype | None:
     """Autocast dtype for training on CUDA (None on CPU, the tested path)."""
@@ -89,7 +98,7 @@ def merge_model(adapter: DecoderAdapter) -> int:
     return n
 
 
-def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], r: dict[str, Any], fuse: bool) -> list[FusedLinear]:
+def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupTrainConfig, fuse: bool) -> list[FusedLinear]:
     """Wrap the student blocks' linears (LoRA) and, with ``fuse``, add p's weights as new terms."""
     p_roles = adapter.linear_roles(adapter.layers[p]) if fuse else {}
     p_weights = {role: frozen_weight(m) for role, m in p_roles.items()}  # shared by the whole group
@@ -97,31 +106,31 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], r: dict[str
     for j in student:
         block = adapter.layers[j]
         for role, lin in adapter.linear_roles(block).items():
-            fl = FusedLinear.from_linear(lin, r["lora_rank"])
+            fl = FusedLinear.from_linear(lin, cfg.lora_rank)
             if fuse:
                 w, b = p_weights[role]
                 dev = fl.weight.device  # p may sit on another GPU under a device map
-                fl.add_term(w.to(dev), None if b is None else b.to(dev), rank=r["coef_rank"])
+                fl.add_term(w.to(dev), None if b is None else b.to(dev), rank=cfg.coef_rank)
             if fl is not lin:
                 adapter.set_linear(block, role, fl)
             out.append(fl)
     return out
 
 
-def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, r: dict[str, Any],
-                    fuse: bool, it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
+def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool, it: int,
+                    seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
     """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here.
 
     On an offloaded model the group's blocks stay on the device for the whole step and are
     written back to the store afterwards.
     """
     with adapter.using(group, write=True):
-        return _fuse_and_train_resident(adapter, p, group, ft, r, fuse, it, seed, cfg)
+        return _fuse_and_train_resident(adapter, p, group, ft, fuse, it, seed, cfg)
 
 
-def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor,
-                             r: dict[str, Any], fuse: bool, it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
-    bs = r["batch_size"]
+def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool,
+                             it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
+    bs = cfg.batch_size
     student = [j for j in group if j != p]
     inputs = _states_entering(adapter, ft, group[0], bs)
     targets = _group_outputs(adapter, group, inputs, bs)
@@ -129,7 +138,7 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
     before = {(j, role): (m, len(m.terms) if isinstance(m, FusedLinear) else 0)
               for j in student for role, m in adapter.linear_roles(adapter.layers[j]).items()}
     torch.manual_seed(seed * 100003 + it)  # initial A, D: identical on resume
-    fused = _fuse_group(adapter, p, student, r, fuse)
+    fused = _fuse_group(adapter, p, student, cfg, fuse)
     lora = [q for fl in fused for q in fl.trainable()[0]]
     coef = [q for fl in fused for q in fl.trainable()[1]]
     norms = [q for j in student for m in adapter.norm_modules(adapter.layers[j]) for q in m.parameters()] \
@@ -141,11 +150,11 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         for q in norms:
             q.data = q.data.float()
     settings = TrainSettings(
-        epochs=r["epochs"], batch_size=bs, lr_coef=r["lr_coef"] if fuse else 0.0,
-        lr_base=r["lr_base"] if fuse else r["lr"], loss=r["loss"], seed=seed * 1009 + it,
+        epochs=cfg.epochs, batch_size=bs, lr_coef=cfg.lr_coef if fuse else 0.0,
+        lr_base=cfg.lr_base if fuse else cfg.lr, loss=cfg.loss, seed=seed * 1009 + it,
         max_retries=cfg.max_retries, retry_lr_factor=cfg.retry_lr_factor, amp_dtype=amp,
     )
-    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, r["loss"], bs)}
+    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs)}
     for q in (*lora, *coef, *norms):
         q.requires_grad_(True)
     try:
@@ -159,7 +168,7 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             q.data = q.data.to(dt)
     failed = res.diverged
     if not res.diverged:
-        info["loss_end"] = eval_loss(adapter, student, inputs, targets, r["loss"], bs)
+        info["loss_end"] = eval_loss(adapter, student, inputs, targets, cfg.loss, bs)
         info["worse"] = info["loss_end"] >= info["loss_start"]
         failed = cfg.revert_if_worse and info["worse"]
     info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
@@ -174,35 +183,30 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             adapter.set_linear(adapter.layers[j], role, mod)
         why = "diverged" if res.diverged else f"did not lower the loss ({info['loss_start']:.4g} -> {info['loss_end']:.4g})"
         logger.warning("training %s for block %d; kept the plain removal for it", why, adapter.origin[p])
-    elif fuse and r.get("max_terms"):
+    elif fuse and cfg.max_terms:
         for fl in fused:
-            fl.merge_oldest(r["max_terms"])
+            fl.merge_oldest(cfg.max_terms)
     return info
 
 
-def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig, step: StepReport) -> None:
-    """FuseGPT (``FuseGPTConfig``) or MI+FT (``MIFTConfig``): remove ceil(L·s) blocks in place."""
-    fuse = isinstance(cfg, FuseGPTConfig)
-    r = cfg.resolved(adapter.device.type)
-    seed = cfg.calib.seed
+def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, fuse: bool) -> None:
+    """FuseGPT (``fuse``) or MI+FT: remove ceil(L·s) blocks of ``ctx.adapter``'s model in place."""
+    cfg.require_resolved()
+    adapter = ctx.adapter
+    seed = cfg.seed
     n_layers = adapter.num_layers
     k = n_layers - cfg.plan_layers(n_layers)
-    calib_cfg = r["calib"]
-    settings = {k2: (v.__dict__ if k2 == "calib" else v) for k2, v in r.items()}
-    settings.update({f: getattr(cfg, f) for f in ("sparsity", "early_barrier", "latter_barrier", "train_norms",
-                                                  "max_retries", "retry_lr_factor", "amp_dtype", "revert_if_worse")})
-    settings["method"] = cfg.method
-    step.config.update({k2: v for k2, v in settings.items() if k2 != "method"})
-    if adapter.device.type == "cpu" and r["preset"] == "paper":
+    settings = {k2: v for k2, v in cfg.to_dict().items() if k2 != "origins"}  # what a resumed run must match
+    if adapter.device.type == "cpu" and cfg.preset == "paper":
         logger.warning("the paper preset on a CPU takes hours even for small models; try preset='cpu'")
-    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
-    calib = calibration_windows(tokenizer, calib_cfg.source, calib_cfg.nsamples, calib_cfg.seqlen, seed)
-    ft = calibration_windows(tokenizer, r["ft_source"], r["ft_nsamples"], r["ft_seqlen"], seed)
+    state_dir = ctx.state_dir(cfg.method)
+    calib = calibration_windows(ctx.tokenizer, cfg.calib_source, cfg.nsamples, cfg.seqlen, seed)
+    ft = calibration_windows(ctx.tokenizer, cfg.ft_source, cfg.ft_nsamples, cfg.ft_seqlen, seed)
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
     start = 0
-    if cfg.resume and has_state(state_dir):
+    if ctx.resume and has_state(state_dir):
         start = load_state(state_dir, adapter, step, settings)
-    elif cfg.resume:
+    elif ctx.resume:
         logger.warning("--resume: no run state in %s; starting from the beginning", state_dir)
     for q in adapter.model.parameters():
         q.requires_grad_(False)  # only the group in training holds gradients
@@ -213,9 +217,9 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
             cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
             scores = mi_scores(adapter, calib, cands, cfg.mi_batch_size)
             p = lowest(scores, 1)[0]
-            group = group_window(p, adapter.num_layers, r["group_size"])
+            group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
-            info = _fuse_and_train(adapter, p, group, ft, r, fuse, it, seed, cfg)
+            info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg)
             info["group"] = [origin[j] for j in group]
             by_origin = scores_by_origin(adapter, scores)
             removed = remove_blocks(adapter, [p])
@@ -239,9 +243,3 @@ def run_group_pruning(adapter: DecoderAdapter, tokenizer, cfg: GroupTrainConfig,
 
 def _after_iteration(it: int) -> None:
     """Hook after each saved iteration (tests raise here to simulate a kill)."""
-
-
-@register_method("fusegpt", "mi+ft")
-def _run(adapter: DecoderAdapter, tokenizer, cfg, step: StepReport) -> None:
-    assert isinstance(cfg, (FuseGPTConfig, MIFTConfig))
-    run_group_pruning(adapter, tokenizer, cfg, step)

@@ -1,6 +1,6 @@
 """Per-block run state of FuseGPT / MI+FT, for ``--resume`` after an interruption.
 
-After each removed block the state folder (``state_dir``, the CLI uses ``<output>.state/<method>``)
+After each removed block the state folder (``<output>.state/<step>-<method>/``, :mod:`fusegpt.runstate`)
 holds ``state.json`` (settings, blocks kept, the structure of every fused layer, the report so
 far) and ``model.pt`` (the model's state dict, fused terms included; tensors shared between
 layers stay shared). A layer-wise (offloaded) run writes the non-block weights to ``model.pt``
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_dir
-from ..models import DecoderAdapter
-from ..report import StepReport
-from .fused_linear import FusedLinear, FusionTerm
+from ...checkpoint.atomic import atomic_write_dir
+from ...fusion import FusedLinear, FusionTerm
+from ...models import DecoderAdapter
+from ...report import StepReport
 
 logger = logging.getLogger(__name__)
 

@@ -27,14 +27,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import WIDTH_KEY
 from ..models import DecoderAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
 
+WIDTH_KEY = "fusegpt_widths"  # config key that marks a width-pruned checkpoint
 MARKER_MODEL_TYPE = "fusegpt_width_pruned-load_with-fusegpt.load_pruned"
 FORMAT = 1
 _ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_width_pruned(path: str | Path) -> bool:
+    """True for a folder whose config.json carries per-layer widths."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and WIDTH_KEY in json.loads(cfg.read_text())
 
 
 def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:

@@ -1,82 +1,16 @@
-"""Command-line parts for evaluation: ``eval --tasks``, ``sweep``, ``bench``, ``report``.
-
-Kept apart from :mod:`fusegpt.cli` so that file stays small; like it, this module only parses
-arguments and calls the Python API (:mod:`fusegpt.eval.zeroshot`, :mod:`fusegpt.sweep`,
-:mod:`fusegpt.eval.speed`, :mod:`fusegpt.report_render`).
-"""
+"""``fusegpt sweep``, ``bench`` and ``report``: parse, then call the Python API
+(:mod:`fusegpt.sweep`, :mod:`fusegpt.eval.speed`, :mod:`fusegpt.report_render`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
-EMBEDDED_ALIASES = ("embedded", "dense", "default")
-
-
-def _csv(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
-
-
-# ---------------------------------------------------------------- eval --tasks
-def add_zeroshot_args(e: argparse.ArgumentParser) -> None:
-    g = e.add_argument_group("zero-shot (lm-evaluation-harness, extra 'eval')")
-    g.add_argument("--tasks", default=None,
-                   help="comma list of lm-eval tasks, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge; "
-                        "aliases: paper, slimgpt (+boolq,openbookqa), proxies (offline: wiki_lastword_proxy,"
-                        "news_continuation_proxy). With --tasks and no --data, perplexity is skipped")
-    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0)")
-    g.add_argument("--limit", type=float, default=None,
-                   help="examples per task (an int, or a fraction < 1); results with a limit do not compare "
-                        "with published numbers")
-    g.add_argument("--include-path", action="append", default=None, metavar="DIR",
-                   help="folder of local lm-eval task YAMLs (repeatable)")
-    g.add_argument("--no-update-report", action="store_true",
-                   help="do not add the zero-shot results to the model folder's report.json")
-
-
-def _limit(x: float | None) -> int | float | None:
-    return None if x is None else int(x) if x >= 1 else x
-
-
-def run_zeroshot(args, model, tok, path: str) -> dict[str, Any]:
-    """Zero-shot results for ``fusegpt eval --tasks``; stored in ``path/report.json`` when present."""
-    from .eval.zeroshot import zeroshot
-
-    res = zeroshot(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
-                   batch_size=args.batch_size, include_path=args.include_path)
-    rep = Path(path) / "report.json"
-    if rep.is_file() and not args.no_update_report:
-        d = json.loads(rep.read_text())
-        d.setdefault("extra", {}).setdefault("zeroshot", {})
-        d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
-                                                                     for t, r in res["tasks"].items()}}
-        fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(d, indent=2) + "\n")
-        os.replace(tmp, rep)
-    return res
-
-
-def _zs_settings(res: dict[str, Any]) -> dict[str, Any]:
-    return {k: res[k] for k in ("num_fewshot", "limit", "lm_eval_version")}
-
-
-def zeroshot_rows(res: dict[str, Any]) -> list[tuple]:
-    rows = []
-    for t, r in res["tasks"].items():
-        for m in ("acc", "acc_norm", "perplexity"):
-            if r.get(m) is not None:
-                err = r.get(f"{m}_stderr")
-                rows.append((f"{t} {m}", f"{r[m]:.4f}" + (f" ± {err:.4f}" if err is not None else "")))
-    for m, v in res["average"].items():
-        if v is not None:
-            rows.append((f"average {m}", f"{v:.4f}"))
-    rows.append(("lm-eval", res["lm_eval_version"]))
-    return rows
+from ..data import check_source
+from ..settings import PRESETS, EvalConfig
+from .common import EMBEDDED_ALIASES, UsageError, csv, settings_from
+from .evaluate import limit_of
 
 
 # ---------------------------------------------------------------- sweep
@@ -95,7 +29,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: each method's)")
     s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: each method's)")
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--preset", default=None, help="preset for the methods that have one (fusegpt: paper, cpu)")
+    s.add_argument("--preset", default=None, choices=PRESETS, help="settings preset (default: paper on CUDA, cpu otherwise)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a setting for the methods whose config has it, repeatable")
     s.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources")
@@ -111,31 +45,28 @@ def add_sweep_parser(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .cli import UsageError, _settings
-    from .config import EvalConfig
-    from .data import check_source
-    from .sweep import run_sweep
+    from ..sweep import run_sweep
 
     try:
-        sparsities = _csv(args.sparsity, float)
+        sparsities = csv(args.sparsity, float)
     except ValueError:
         raise UsageError(f"--sparsity takes a comma list of numbers, got {args.sparsity!r}") from None
-    methods = _csv(args.methods)
+    methods = csv(args.methods)
     if not methods or not sparsities:
         raise UsageError("give at least one method and one sparsity")
     settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
-                    preset=args.preset, **_settings(args.set))
+                    preset=args.preset, **settings_from(args.set))
     ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
     for src in ev.data:
         check_source(src)
-    zkw = {"limit": _limit(args.limit), "num_fewshot": args.num_fewshot, "include_path": args.include_path}
+    zkw = {"limit": limit_of(args.limit), "num_fewshot": args.num_fewshot, "include_path": args.include_path}
     table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
                       tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
                       device=args.device)
     print((Path(args.output) / "sweep.md").read_text())
     if not args.no_plots:
         try:
-            from .report_render import render
+            from ..report_render import render
 
             page = render(args.output)
             print(f"plots: {page}")
@@ -168,12 +99,11 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .cli import UsageError
-    from .eval.speed import bench_models, format_table
+    from ..eval.speed import bench_models, format_table
 
     specs = [None if m in EMBEDDED_ALIASES else m for m in (args.model or ["embedded"])]
     try:
-        batch_sizes, lengths = _csv(args.batch_sizes, int), _csv(args.lengths, int)
+        batch_sizes, lengths = csv(args.batch_sizes, int), csv(args.lengths, int)
     except ValueError:
         raise UsageError("--batch-sizes and --lengths take comma lists of integers") from None
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1:
@@ -197,7 +127,7 @@ def add_report_parser(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report_render import render
+    from ..report_render import render
 
     page = render(args.run_dir, args.output)
     print(f"wrote {page}")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import get_adapter
+from ..models import get_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,109 @@
+"""What every command shares: the usage error, --set parsing, the table printer, device flags."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+
+from ..api import Placement
+from ..checkpoint import is_width_pruned
+from ..loading import load_model, read_config, resolve_model_path
+
+EMBEDDED_ALIASES = ("embedded", "dense", "default")
+
+
+class UsageError(Exception):
+    """Bad input found before any long work; printed as one line, exit code 2."""
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def settings_from(pairs: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` pairs as a dict (values read as Python literals where they parse)."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise UsageError(f"--set expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip().replace("-", "_")] = parse_value(v.strip())
+    return out
+
+
+def csv(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def check_model(spec: str | None) -> str:
+    path = resolve_model_path(spec)
+    if Path(path).exists() and not is_width_pruned(path):
+        read_config(path)
+    return path
+
+
+def _fmt(x) -> str:
+    return f"{x:,.3f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    cells = [tuple(_fmt(c) for c in r) for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def device_map(spec: str | None):
+    if spec is None or spec in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return spec
+    p = Path(spec)
+    if p.suffix == ".json" and p.is_file():
+        return json.loads(p.read_text())
+    raise UsageError(f"--device-map {spec!r}: give auto, balanced, sequential or a .json file of module -> device")
+
+
+def dtype_of(args):
+    import torch
+
+    name = getattr(args, "dtype", "auto")
+    return None if name == "auto" else getattr(torch, name)
+
+
+def placement_of(args) -> Placement:
+    if args.offload and args.device_map:
+        raise UsageError("--offload and --device-map exclude each other: offload runs layer-wise on one device, "
+                         "a device map spreads the model over several")
+    return Placement(device=args.device, dtype=dtype_of(args), offload=args.offload,
+                     offload_folder=args.offload_folder, device_map=device_map(args.device_map),
+                     max_memory=getattr(args, "max_memory", None))
+
+
+def load(args, offload: str | None):
+    """Load the model as the device flags say (resident, layer-wise, or over several GPUs)."""
+    p = placement_of(args)
+    return load_model(args.model, dtype=p.dtype, device=p.device, offload=offload,
+                      offload_folder=p.offload_folder, device_map=p.device_map)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local folder, hub id (owner/name) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA (Hessians, merges and trained "
+                        "parameters are float32 whatever this says)")
+    p.add_argument("--offload", choices=("cpu", "disk"), default=None,
+                   help="layer-wise execution: keep the decoder blocks in host memory (cpu) or on disk and bring each "
+                        "onto --device only while it is used (models larger than device memory)")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where --offload disk keeps edited blocks (default: a temporary folder, removed at exit)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread the model over several GPUs with accelerate: auto, balanced, sequential, or a JSON "
+                        "file mapping module names to devices")

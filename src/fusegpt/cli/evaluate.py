@@ -1,0 +1,118 @@
+"""``fusegpt eval``: perplexity and zero-shot accuracy (lm-evaluation-harness) of a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..api import evaluate
+from ..data import check_source, known_sources
+from ..settings import EvalConfig
+from ..utils import count_params
+from .common import UsageError, add_device_args, check_model, load, print_table
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model",
+                       description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}. "
+                                   "Zero-shot accuracy through lm-evaluation-harness with --tasks.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_device_args(e)
+    e.add_argument("--data", nargs="+", default=None,
+                   help="perplexity sources (default: wiki news, or none when --tasks is given)")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length")
+    e.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per source")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (perplexity); lm-eval batch size")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_zeroshot_args(e)
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    data = args.data if args.data is not None else ([] if args.tasks else ["wiki", "news"])
+    cfg = EvalConfig(data=data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size) if data else None
+    for src in cfg.data if cfg else ():
+        check_source(src)
+    path = check_model(args.model)
+    if args.tasks and args.offload:
+        raise UsageError("--tasks runs lm-eval on the whole model; it cannot use --offload (use --device-map to "
+                         "spread a large model over GPUs)")
+    model, tok = load(args, args.offload)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if cfg and ctx and cfg.seqlen > ctx:
+        raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")
+    ppl = evaluate(model, tok, cfg) if cfg else {}
+    result = {"model": args.model or "embedded:SmolLM2-135M-Instruct", "path": path, "ppl": ppl,
+              "params": count_params(model), "n_layers": model.config.get_text_config().num_hidden_layers,
+              "seqlen": cfg.seqlen if cfg else None, "max_tokens": cfg.max_tokens if cfg else None}
+    rows = [(f"ppl {k}", v) for k, v in ppl.items()]
+    if args.tasks:
+        result["zeroshot"] = run_zeroshot(args, model, tok, path)
+        rows += zeroshot_rows(result["zeroshot"])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(rows + [("params", result["params"]), ("blocks", result["n_layers"])], ("", "value"))
+    return 0
+
+
+# ---------------------------------------------------------------- eval --tasks
+def add_zeroshot_args(e: argparse.ArgumentParser) -> None:
+    g = e.add_argument_group("zero-shot (lm-evaluation-harness, extra 'eval')")
+    g.add_argument("--tasks", default=None,
+                   help="comma list of lm-eval tasks, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge; "
+                        "aliases: paper, slimgpt (+boolq,openbookqa), proxies (offline: wiki_lastword_proxy,"
+                        "news_continuation_proxy). With --tasks and no --data, perplexity is skipped")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0)")
+    g.add_argument("--limit", type=float, default=None,
+                   help="examples per task (an int, or a fraction < 1); results with a limit do not compare "
+                        "with published numbers")
+    g.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="folder of local lm-eval task YAMLs (repeatable)")
+    g.add_argument("--no-update-report", action="store_true",
+                   help="do not add the zero-shot results to the model folder's report.json")
+
+
+def limit_of(x: float | None) -> int | float | None:
+    return None if x is None else int(x) if x >= 1 else x
+
+
+def run_zeroshot(args, model, tok, path: str) -> dict[str, Any]:
+    """Zero-shot results for ``fusegpt eval --tasks``; stored in ``path/report.json`` when present."""
+    from ..eval.zeroshot import zeroshot
+
+    res = zeroshot(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=limit_of(args.limit),
+                   batch_size=args.batch_size, include_path=args.include_path)
+    rep = Path(path) / "report.json"
+    if rep.is_file() and not args.no_update_report:
+        d = json.loads(rep.read_text())
+        d.setdefault("extra", {}).setdefault("zeroshot", {})
+        d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
+                                                                     for t, r in res["tasks"].items()}}
+        fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(d, indent=2) + "\n")
+        os.replace(tmp, rep)
+    return res
+
+
+def _zs_settings(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: res[k] for k in ("num_fewshot", "limit", "lm_eval_version")}
+
+
+def zeroshot_rows(res: dict[str, Any]) -> list[tuple]:
+    rows = []
+    for t, r in res["tasks"].items():
+        for m in ("acc", "acc_norm", "perplexity"):
+            if r.get(m) is not None:
+                err = r.get(f"{m}_stderr")
+                rows.append((f"{t} {m}", f"{r[m]:.4f}" + (f" ± {err:.4f}" if err is not None else "")))
+    for m, v in res["average"].items():
+        if v is not None:
+            rows.append((f"average {m}", f"{v:.4f}"))
+    rows.append(("lm-eval", res["lm_eval_version"]))
+    return rows

@@ -1,0 +1,121 @@
+"""``fusegpt prune`` and ``fusegpt export``: parse, then call :func:`fusegpt.prune` / the GGUF writer."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from ..api import configs_for, interrupted_message, prune
+from ..loading import load_model
+from ..methods import registry
+from ..runstate import Interrupted
+from ..settings import PRESETS, EvalConfig
+from .common import add_device_args, check_model, placement_of, print_table, settings_from
+
+
+def _methods_help() -> str:
+    return "\n".join(f"  {m:<10} {registry.get(m).summary}" for m in registry.names())
+
+
+def add_prune_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="prune a model and save the checkpoint with report.json",
+        description="Prune a model, evaluate it before/after, save checkpoint + report.json (atomically).\n\n"
+                    f"methods:\n{_methods_help()}\n\n"
+                    "Chain methods with '+', one --sparsity each: --method mi+slimgpt --sparsity 0.125,0.2 "
+                    "(registered names match first, longest first: mi+ft is MI+FT, mi+ft+slimgpt is MI+FT then "
+                    "SlimGPT).\nSettings left unset come from the preset: 'paper' on CUDA, 'cpu' otherwise (sized "
+                    "to finish on the embedded model in minutes on a CPU); an explicit value always wins. "
+                    "--dry-run prints every resolved setting with where it came from, the memory and time "
+                    "estimates, and stops.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_args(p)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(registry.names())}, or a chain joined by '+'")
+    p.add_argument("--sparsity", required=True,
+                   help="fraction in (0,1): of blocks for depth methods, of decoder parameters for width methods; "
+                        "one value per chained method, comma-separated")
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="settings preset for every step (default: paper on CUDA, cpu otherwise)")
+    p.add_argument("--calib", default=None, help="calibration source (default: the method's: wiki, news for slimgpt)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other setting of a method in the chain, repeatable (see --dry-run for the names)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings with their origin, the memory and time estimates; load nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <output>.state/ (same settings)")
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source (default 32768)")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse up front when the estimated peak memory exceeds SIZE (e.g. 24GB, 512MiB); switches "
+                        "to layer-wise execution when only that fits")
+    p.set_defaults(func=cmd_prune)
+
+
+def resume_command(argv: list[str]) -> str:
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return "fusegpt " + shlex.join(args)
+
+
+def cmd_prune(args) -> int:
+    settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
+                    preset=args.preset, **settings_from(args.set))
+    configs = configs_for(args.method, args.sparsity, **settings)
+    eval_cfg = None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen,
+                                                    max_tokens=args.max_tokens)
+    check_model(args.model)
+    try:
+        res = prune(args.model, configs, args.output, placement=placement_of(args), eval_config=eval_cfg,
+                    overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run,
+                    model_name=args.model or "embedded:SmolLM2-135M-Instruct")
+    except Interrupted as e:
+        print(f"fusegpt: {interrupted_message(e, resume_command(args.argv) if e.state else None)}", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        print(res.plan.describe())
+        print("dry run: nothing was loaded or written")
+        return 0
+    report = res.report
+    rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
+    for src in (eval_cfg.data if eval_cfg else ()):
+        rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
+    print(f"{report.to_dict()['method']}: removed blocks {report.removed} (original indices, removal order); "
+          f"{report.wall_time_s:.0f}s (estimated {res.plan.total_seconds:.0f}s), peak {report.peak_memory_mb:.0f} MB")
+    print_table(rows, ("", "before", "after"))
+    for st in report.steps:  # width steps: what the decoder lost
+        if "sparsity_achieved" in st.details:
+            dp = st.details["decoder_params"]
+            print(f"{st.method}: decoder parameters {dp['before']:,} -> {dp['after']:,} "
+                  f"({st.details['sparsity_achieved']:.1%} below the start); per-layer widths in report.json")
+    print(f"saved to {res.output}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a (block-pruned / fused) LLaMA-family checkpoint as GGUF",
+                       description="Export to GGUF (architecture llama) for llama.cpp-based runtimes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    x.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="type of the 2-D weights (norms stay f32)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from ..checkpoint.gguf import export_gguf
+
+    check_model(args.model)
+    model, tok = load_model(args.model, device="cpu", dtype=None)
+    out = export_gguf(model, tok, args.gguf, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({model.config.num_hidden_layers} blocks, {args.dtype})")
+    return 0

@@ -1,0 +1,125 @@
+"""What the score-then-drop methods share: their config, their runner, their estimates.
+
+ShortGPT ranks once (Block Influence) and drops the k lowest; SLEB and MI re-rank the current
+model every iteration and drop one block each time. Scorers (:mod:`fusegpt.importance`) only
+score; :func:`fusegpt.blocks.remove_blocks` only cuts; the runners here alternate them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blocks import remove_blocks, scores_by_origin
+from ..data import calibration_windows
+from ..importance import candidate_blocks, lowest
+from ..memory import EstimateEnv, ModelGeometry, act_bytes
+from ..models import DecoderAdapter
+from ..report import StepReport
+from ..runstate import RunContext
+from ..settings import PruneConfig, blocks_to_remove, check, check_int
+from ..timing import block_flops, head_flops, seconds
+
+logger = logging.getLogger(__name__)
+
+Scorer = Callable[[DecoderAdapter, torch.Tensor, list[int], int], torch.Tensor]
+
+# The ranking set of the ``cpu`` presets: 8 windows of 256 wiki tokens, the same for every block
+# method (and FuseGPT's MI ranking), so they compare on the same data. SLEB, whose every
+# candidate also pays the LM head, gets 8 × 128 to finish in under 15 minutes on 2 cores.
+CPU_RANKING = {"nsamples": 8, "seqlen": 256}
+
+
+@dataclass
+class BlockPruneConfig(PruneConfig):
+    """Block (depth) pruning by an importance score; subclasses name the score.
+
+    ``early_barrier``/``latter_barrier``: how many first/last blocks are never candidates.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 32, "seqlen": 2048},
+                                                    "cpu": dict(CPU_RANKING)}
+
+    early_barrier: int | None = None
+    latter_barrier: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("early_barrier", self.early_barrier, 0)
+        check_int("latter_barrier", self.latter_barrier, 0)
+
+    def plan_layers(self, n_layers: int) -> int:
+        k = blocks_to_remove(n_layers, self.sparsity)
+        n_cand = n_layers - self.early_barrier - self.latter_barrier
+        check(k < n_layers, f"sparsity {self.sparsity} removes all {n_layers} blocks; choose a smaller sparsity")
+        check(k <= n_cand, f"sparsity {self.sparsity} needs {k} blocks but only {n_cand} are candidates "
+              f"(barriers {self.early_barrier}+{self.latter_barrier}); lower the sparsity or the barriers")
+        return n_layers - k
+
+
+def calibration_for(ctx: RunContext, cfg: PruneConfig) -> torch.Tensor:
+    c = cfg.calib
+    return calibration_windows(ctx.tokenizer, c.source, c.nsamples, c.seqlen, c.seed)
+
+
+def run_one_shot(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, scorer, batch_size: int = 1) -> None:
+    """Score once, drop the k lowest candidates."""
+    adapter = ctx.adapter
+    k = adapter.num_layers - cfg.plan_layers(adapter.num_layers)
+    scores = scorer(adapter, calibration_for(ctx, cfg), batch_size)
+    cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
+    masked = torch.full_like(scores, float("nan"))
+    masked[cands] = scores[cands]
+    step.add_iteration(scores_by_origin(adapter, masked), remove_blocks(adapter, lowest(masked, k)))
+    logger.info("%s removed blocks %s", cfg.method, step.removed)
+
+
+def run_iterative(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, scorer: Scorer,
+                  batch_size: int = 1) -> None:
+    """Re-score the current model and drop its lowest block, ceil(L·s) times."""
+    adapter = ctx.adapter
+    k = adapter.num_layers - cfg.plan_layers(adapter.num_layers)
+    calib = calibration_for(ctx, cfg)
+    for _ in tqdm(range(k), desc=f"{cfg.method} blocks", unit="block"):
+        cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
+        scores = scorer(adapter, calib, cands, batch_size)
+        step.add_iteration(scores_by_origin(adapter, scores), remove_blocks(adapter, lowest(scores, 1)))
+        logger.info("%s removed block %d (original index)", cfg.method, step.removed[-1])
+
+
+# ---------------------------------------------------------------------------- estimates
+def scoring_memory(g: ModelGeometry, cfg: PruneConfig, env: EstimateEnv, logits: bool = False,
+                   batch: int = 1) -> dict[str, int]:
+    """States entering every block for one batch, one block's activations (+ fp32 logits)."""
+    t = cfg.seqlen
+    parts = {"resident blocks": env.resident_block(g),
+             "cached states": (g.n_layers + 1) * batch * t * g.hidden * env.nbytes,
+             "activations": act_bytes(g, batch, t, env.nbytes, scores=env.scores)}
+    if logits:
+        parts["logits"] = batch * t * g.vocab * 4
+    return parts
+
+
+def iterative_flops(g: ModelGeometry, cfg: BlockPruneConfig, n_layers: int, k: int, head: bool) -> float:
+    """Block passes of ``k`` skip-one rankings with cached prefixes (L + Σ_c (L−1−c) per ranking)."""
+    tokens = cfg.nsamples * cfg.seqlen
+    blk = block_flops(g, tokens, cfg.seqlen)
+    total = 0.0
+    for it in range(k):
+        n = n_layers - it
+        cands = candidate_blocks(n, cfg.early_barrier, cfg.latter_barrier)
+        total += blk * (n + sum(n - 1 - c for c in cands))
+        if head:
+            total += head_flops(g, tokens) * len(cands)
+    return total
+
+
+def iterative_seconds(g: ModelGeometry, cfg: BlockPruneConfig, env: EstimateEnv, head: bool = False) -> float:
+    k = blocks_to_remove(g.n_layers, cfg.sparsity)
+    return seconds(iterative_flops(g, cfg, g.n_layers, k, head), env)

@@ -1,0 +1,103 @@
+"""Settings of FuseGPT and of its MI+FT ablation, with their ``paper`` and ``cpu`` presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...settings import check, check_bool, check_choice, check_float, check_int
+from ..block_scoring import CPU_RANKING, BlockPruneConfig
+
+GROUP_LOSSES = ("kl-batch", "mse", "cosine", "mse+cosine", "kl-logits")
+AMP_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+# Preset values; an explicit setting (Python field or --set) always wins.
+GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper / reference code: 32 × 2048 MI calibration, 128 × 2048 fine-tuning, 20 epochs
+    "paper": dict(group_size=8, lora_rank=128, coef_rank=128, epochs=20, batch_size=8, lr_coef=1e-3,
+                  lr_base=9.65e-6, lr=1e-3, loss="kl-batch", ft_nsamples=128, ft_seqlen=2048, max_terms=4,
+                  nsamples=32, seqlen=2048),
+    # embedded SmolLM2-135M on 2 CPU cores: sized from measured step times (7 blocks fwd+bwd on 8×256
+    # tokens ≈ 2.2 s, one MI ranking on 8×256 ≈ 45 s) to remove 8 of 30 blocks in ~15 min; loss and
+    # learning rates from the measurements in ALGORITHMS.md §2 (MSE beat the batch-softmax KL, LoRA
+    # needs ~1e-3); results in benchmarks/results_fusegpt.md
+    "cpu": dict(group_size=8, lora_rank=32, coef_rank=32, epochs=4, batch_size=8, lr_coef=1e-3,
+                lr_base=1e-3, lr=1e-3, loss="mse", ft_nsamples=32, ft_seqlen=256, max_terms=4, **CPU_RANKING),
+}
+
+
+@dataclass
+class GroupTrainConfig(BlockPruneConfig):
+    """Shared settings of FuseGPT and MI+FT: MI ranking, partial group, knowledge learning.
+
+    Unset fields take the preset's value (``GROUP_TRAIN_PRESETS``); ``nsamples``/``seqlen`` size
+    the MI ranking set, ``ft_*`` the fine-tuning set (``ft_source`` defaults to the calibration
+    source, same seed). ``amp_dtype``: ``auto`` (the model's dtype, autocast on CUDA), ``bf16``,
+    ``fp16``, ``fp32``. ``revert_if_worse``: after a group is trained, measure its loss again; if
+    it is not below the loss before training, undo the training and keep the plain removal for
+    that block (listed in the report's ``fallbacks``). Not in the paper (off by default);
+    measured in benchmarks/RESULTS.md §2.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"mi_batch_size": 1, "train_norms": True, "max_retries": 2,
+                                          "retry_lr_factor": 0.1, "amp_dtype": "auto", "revert_if_worse": False}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = GROUP_TRAIN_PRESETS
+
+    group_size: int | None = None
+    lora_rank: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    loss: str | None = None
+    ft_nsamples: int | None = None
+    ft_seqlen: int | None = None
+    ft_source: str | None = None
+    mi_batch_size: int | None = None
+    train_norms: bool | None = None
+    max_retries: int | None = None
+    retry_lr_factor: float | None = None
+    amp_dtype: str | None = None
+    revert_if_worse: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("group_size", "epochs", "batch_size", "ft_nsamples", "mi_batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("ft_seqlen", self.ft_seqlen, 2)
+        check_int("lora_rank", self.lora_rank, 0)
+        check_int("max_retries", self.max_retries, 0)
+        check_choice("loss", self.loss, GROUP_LOSSES)
+        check(self.retry_lr_factor is None or (isinstance(self.retry_lr_factor, (int, float))
+                                               and 0 < self.retry_lr_factor < 1),
+              f"retry_lr_factor must be in (0, 1), e.g. 0.1, got {self.retry_lr_factor!r}")
+        check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        check_bool("train_norms", self.train_norms)
+        check_bool("revert_if_worse", self.revert_if_worse)
+
+    def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        if values.get("ft_source") is None:
+            values["ft_source"] = values["calib_source"]
+            origins["ft_source"] = "calib_source"
+
+
+@dataclass
+class FuseGPTConfig(GroupTrainConfig):
+    """FuseGPT: MI ranking, fusion of the removed block into its partial group, knowledge learning.
+
+    ``coef_rank``: rank of the fusion coefficients C·D; ``lora_rank``: LoRA on own weights;
+    ``lr_coef``/``lr_base``: learning rates of the coefficients and of LoRA + norms (paper
+    1e-3 / 9.65e-6); ``max_terms``: fused terms kept trainable per layer before older ones
+    are merged into the frozen weight (memory; 0 = never merge).
+    """
+
+    method: ClassVar[str] = "fusegpt"
+    coef_rank: int | None = None
+    lr_coef: float | None = None
+    lr_base: float | None = None
+    max_terms: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("coef_rank", self.coef_rank)
+        check_float("lr_coef", self.lr_coef)
+        check_float("lr_base", self.lr_base)
+        check_int("max_terms", self.max_terms, 0)

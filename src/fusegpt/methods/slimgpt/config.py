@@ -1,0 +1,89 @@
+"""Settings of SlimGPT (and of the magnitude baseline, which shares its budget and schedule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ...settings import PruneConfig, check, check_bool, check_choice, check_float, check_int
+from ...width import WIDTH_SCHEDULES
+
+HEAD_RULES = ("auto", "equal_per_group", "kv_groups")
+
+
+@dataclass
+class SlimGPTConfig(PruneConfig):
+    """SlimGPT: layer-wise OBS width pruning of attention heads and FFN channels (ALGORITHMS.md §3).
+
+    ``sparsity``: fraction of *decoder-block parameters* removed, counted against the decoder as
+    it was when the run (``compress`` call / CLI chain) started, so in ``mi+slimgpt`` with
+    ``0.125,0.2`` the width step brings the total to 20% (the depth step must leave room).
+    Embeddings, final norm and LM head are not counted and never pruned.
+
+    ``schedule``: per-layer ratio r_l = min_ratio + (r_max − min_ratio)·f(l) with f the shape
+    (``log_increase``: ln(1+l)/ln(L), L the model's current block count); r_max is solved so the
+    parameter target is met exactly on the discrete widths; each layer's ratio is capped at
+    ``max_layer_ratio``. ``head_rule`` (GQA): ``equal_per_group`` removes the same number of
+    query heads from every K/V group and keeps all K/V heads; ``kv_groups`` removes whole K/V
+    groups (their query heads and K/V head); ``auto`` = ``equal_per_group`` for GQA, ``kv_groups``
+    for MHA. ``percdamp``: Hessian dampening λ·mean(diag H). ``gcd``/``dgs``: grouped Cholesky
+    for heads and Dynamic Group Size for FFN channels (False = the paper's −GCD / −DGS
+    ablations; without DGS groups have ``ffn_group_max`` channels). ``batch_size``: calibration
+    windows per block forward.
+
+    Presets: ``paper`` = 256 × 2048 tokens of C4-like text (``news`` here), as the paper;
+    ``cpu`` = 32 × 512 of ``news`` (16× the 16 × 128 set measured at 52 s on one core in
+    benchmarks/results_slimgpt.md; a few minutes on 2 cores).
+    """
+
+    method: ClassVar[str] = "slimgpt"
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "calib_source": "news", "schedule": "log_increase", "min_ratio": 0.0, "max_layer_ratio": 0.9,
+        "head_rule": "auto", "percdamp": 0.01, "gcd": True, "dgs": True, "ffn_group_min": 64,
+        "ffn_group_max": 1024, "batch_size": 8}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 2048},
+                                                    "cpu": {"nsamples": 32, "seqlen": 512}}
+
+    schedule: str | None = None
+    min_ratio: float | None = None
+    max_layer_ratio: float | None = None
+    head_rule: str | None = None
+    percdamp: float | None = None
+    gcd: bool | None = None
+    dgs: bool | None = None
+    ffn_group_min: int | None = None
+    ffn_group_max: int | None = None
+    batch_size: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("schedule", self.schedule, WIDTH_SCHEDULES)
+        check_choice("head_rule", self.head_rule, HEAD_RULES)
+        check(self.max_layer_ratio is None or (isinstance(self.max_layer_ratio, (int, float))
+                                               and 0.0 < self.max_layer_ratio < 1.0),
+              f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+        check_float("min_ratio", self.min_ratio, 0.0, 1.0)
+        check_float("percdamp", self.percdamp)
+        check_bool("gcd", self.gcd)
+        check_bool("dgs", self.dgs)
+        check_int("ffn_group_min", self.ffn_group_min)
+        check_int("ffn_group_max", self.ffn_group_max)
+        check_int("batch_size", self.batch_size)
+        sparsity, lo, hi = self.effective("sparsity"), self.effective("min_ratio"), self.effective("max_layer_ratio")
+        check(lo <= sparsity, f"min_ratio must be in [0, sparsity={sparsity}], got {lo}")
+        check(sparsity <= hi, f"sparsity {sparsity} exceeds max_layer_ratio {hi}; raise max_layer_ratio "
+                              "(--set max_layer_ratio=0.95) or lower the sparsity")
+        gmin, gmax = self.effective("ffn_group_min"), self.effective("ffn_group_max")
+        check(gmin <= gmax, f"need 1 <= ffn_group_min ({gmin}) <= ffn_group_max ({gmax})")
+
+    def plan_chain(self, n_layers_start: int, n_layers_now: int) -> None:
+        """Check against the depth steps before this one: they must leave room for the target.
+
+        Uses the block counts (blocks of an unpruned model have equal size); the exact parameter
+        check runs again on the model before calibration.
+        """
+        done = 1.0 - n_layers_now / n_layers_start
+        check(done < self.sparsity,
+              f"the steps before {self.method} already remove {done:.1%} of the decoder, at least its total target "
+              f"{self.sparsity:.1%} (a width step's sparsity counts against the decoder at the start of the run); "
+              f"raise {self.method}'s sparsity")

@@ -1,0 +1,144 @@
+"""Width plans: per-layer head counts and FFN widths that meet a parameter budget (ALGORITHMS.md §3).
+
+**Budget.** ``sparsity`` is a fraction of the decoder-block parameters at the start of the run
+(see :class:`~fusegpt.methods.slimgpt.SlimGPTConfig`). Each layer gets a ratio r_l from the
+schedule; it keeps the head count (allowed by the GQA rule, :mod:`fusegpt.width.geometry`)
+nearest to ``n_heads·(1 − r_l)`` and the FFN channels absorb the rest, so that layer loses r_l
+of its parameters; r_max is solved by bisection on these discrete widths so the total meets the
+target (to within one FFN channel per layer). A budget the rule cannot meet is rejected before
+any calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..models import DecoderAdapter
+from ..settings import ConfigError
+from .geometry import BlockWidth, block_width, decoder_params, head_options, resolve_head_rule
+
+WIDTH_SCHEDULES = ("log_increase", "uniform", "linear_increase", "log_decrease", "linear_decrease")
+
+# ---------------------------------------------------------------------------- schedules
+def schedule_shape(name: str, n_layers: int) -> list[float]:
+    """The schedule's shape f(l) in [0, 1] for l = 0 … L−1 (r_l = r_min + (r_max − r_min)·f(l))."""
+    L = n_layers
+    if L == 1 or name == "uniform":
+        return [1.0] * L
+    log_inc = [math.log(1 + i) / math.log(L) for i in range(L)]
+    lin_inc = [i / (L - 1) for i in range(L)]
+    shapes = {
+        "log_increase": log_inc,
+        "linear_increase": lin_inc,
+        "log_decrease": log_inc[::-1],
+        "linear_decrease": lin_inc[::-1],
+    }
+    if name not in shapes:
+        raise ConfigError(f"unknown schedule {name!r}; choose from uniform, {', '.join(shapes)}")
+    return shapes[name]
+
+
+@dataclass
+class LayerPlan:
+    """What one layer keeps: heads, K/V heads, FFN channels, and the ratio it was planned from."""
+
+    index: int
+    ratio_target: float
+    heads: tuple[int, int]  # (before, after)
+    kv_heads: tuple[int, int]
+    ffn: tuple[int, int]
+    params: tuple[int, int]
+    rule: str
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 - self.params[1] / self.params[0]
+
+
+@dataclass
+class WidthPlan:
+    layers: list[LayerPlan]
+    r_max: float
+    params_start: int
+    params_now: int
+    params_after: int
+    sparsity: float
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def achieved(self) -> float:
+        return 1.0 - self.params_after / self.params_start
+
+
+def _layer_plan(i: int, w: BlockWidth, rule: str, r: float, cap: float) -> LayerPlan:
+    r = min(max(r, 0.0), cap)
+    target = r * w.total
+    want = w.n_heads * (1.0 - r)
+    opts = [o for o in head_options(w, rule) if o[2] <= target + 1e-6]
+    heads, kv, attn_removed = min(opts, key=lambda o: (abs(o[0] - want), -o[0]))
+    n_ch = int(round((target - attn_removed) / w.per_channel))
+    n_ch = min(max(n_ch, 0), w.ffn - 1)
+    removed = attn_removed + n_ch * w.per_channel
+    return LayerPlan(i, r, (w.n_heads, heads), (w.n_kv, kv), (w.ffn, w.ffn - n_ch),
+                     (w.total, w.total - removed), rule)
+
+
+def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -> WidthPlan:
+    """Per-layer widths that meet ``cfg.sparsity``; raises ConfigError for an impossible budget.
+
+    ``cfg``: a width-pruning config (``sparsity``, ``schedule``, ``min_ratio``,
+    ``max_layer_ratio``, ``head_rule``, ``method``). ``start_params``: decoder parameters when
+    the run started, which the sparsity counts against (default: the model as it is now).
+    """
+    widths = [block_width(adapter, b) for b in adapter.layers]
+    rules = [resolve_head_rule(cfg.head_rule, w) for w in widths]
+    for i, (w, rule) in enumerate(zip(widths, rules, strict=True)):
+        if w.n_kv <= 0 or w.n_heads % w.n_kv:
+            raise ConfigError(f"block {i}: {w.n_heads} query heads are not a multiple of {w.n_kv} K/V heads")
+        if rule == "equal_per_group" and w.group == 1:
+            raise ConfigError(
+                f"head_rule=equal_per_group cannot prune block {i}: it has one query head per K/V head (MHA); "
+                "use --set head_rule=kv_groups (or auto)"
+            )
+    now = decoder_params(adapter)
+    cfg.require_resolved()
+    start = max(int(start_params or now), now)
+    need = now - (1.0 - cfg.sparsity) * start
+    if need <= 0:
+        raise ConfigError(
+            f"the model already has {1 - now / start:.1%} fewer decoder parameters than at the start of the run, "
+            f"at least {cfg.method}'s total target {cfg.sparsity:.1%}; raise its sparsity"
+        )
+    shape = schedule_shape(cfg.schedule, len(widths))
+
+    def build(r_max: float) -> list[LayerPlan]:
+        return [_layer_plan(i, w, rule, cfg.min_ratio + (r_max - cfg.min_ratio) * f, cfg.max_layer_ratio)
+                for i, (w, rule, f) in enumerate(zip(widths, rules, shape, strict=True))]
+
+    def removed(plans: list[LayerPlan]) -> int:
+        return sum(p.params[0] - p.params[1] for p in plans)
+
+    hi = cfg.min_ratio + (cfg.max_layer_ratio - cfg.min_ratio) / max(min(f for f in shape if f > 0), 1e-9) + 1e-6
+    best = removed(build(hi))
+    if best < need:
+        raise ConfigError(
+            f"sparsity {cfg.sparsity} is not reachable by width pruning with schedule={cfg.schedule}, "
+            f"max_layer_ratio={cfg.max_layer_ratio} and the {rules[0]} head rule: at most {1 - (now - best) / start:.1%} "
+            f"of the decoder parameters can go (every layer keeps at least one head group and one FFN channel); "
+            f"lower the sparsity, raise max_layer_ratio or use --set schedule=uniform"
+        )
+    lo = cfg.min_ratio
+    if removed(build(lo)) >= need:
+        hi = lo
+    for _ in range(60):
+        if hi - lo < 1e-7:
+            break
+        mid = (lo + hi) / 2
+        if removed(build(mid)) >= need:
+            hi = mid
+        else:
+            lo = mid
+    plans = build(hi)
+    after = now - removed(plans)
+    return WidthPlan(plans, hi, start, now, after, cfg.sparsity)
