@@ -28,9 +28,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from fusegpt.methods import GROUP_TRAIN_PRESETS  # noqa: E402
 
 from fusegpt import EvalConfig, compress, config_for, evaluate, load_model  # noqa: E402
+from fusegpt.methods import GROUP_TRAIN_PRESETS  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
 
 GROUP_METHODS = ("fusegpt", "mi+ft")
@@ -48,6 +48,11 @@ def _settings(pairs: list[str]) -> dict:
         except (ValueError, SyntaxError):
             out[k.strip()] = v
     return out
+
+
+def _variant_of(method: str, args) -> str:
+    v = _variant(_own(method, args))
+    return ", ".join(x for x in (v, "+heal" if args.heal and method != "dense" else "") if x)
 
 
 def _own(method: str, args) -> dict:
@@ -82,9 +87,15 @@ def run_one(dense, tok, method: str, sparsity: float, args, evalc: EvalConfig) -
     model = copy.deepcopy(dense)
     model, rep = compress(model, tok, cfg)
     step = rep.steps[0]
-    row = {"method": method, "variant": _variant(own), "sparsity": sparsity, "removed": rep.removed, "layers": rep.layers_after,
-           "ppl": evaluate(model, tok, evalc), "wall_s": round(rep.wall_time_s, 1), "peak_mb": rep.peak_memory_mb,
-           "settings": step.config, "groups": step.details.get("groups"), "fallbacks": step.details.get("fallbacks")}
+    row = {"method": method, "variant": _variant_of(method, args), "sparsity": sparsity, "removed": rep.removed,
+           "layers": rep.layers_after, "ppl": evaluate(model, tok, evalc), "wall_s": round(rep.wall_time_s, 1),
+           "peak_mb": rep.peak_memory_mb, "settings": step.config, "groups": step.details.get("groups"),
+           "fallbacks": step.details.get("fallbacks"), "iterations": step.iterations}
+    if args.heal:  # recovery fine-tuning (cpu preset, the calibration source), then evaluate again
+        from fusegpt import HealConfig, heal
+
+        model, rec = heal(model, tok, HealConfig(preset=args.preset, source=args.calib, seed=args.seed))
+        row.update(ppl_healed=evaluate(model, tok, evalc), heal=rec)
     del model
     return row
 
@@ -93,14 +104,16 @@ def table(rows: list[dict], sparsity: float) -> list[str]:
     sel = sorted((r for r in rows if r["sparsity"] in (0.0, sparsity)),
                  key=lambda r: (list(LABELS).index(r["method"]), r.get("variant", "")))
     sleb = next((r for r in sel if r["method"] == "sleb"), None)
-    lines = ["| method | blocks | ppl wiki | ppl news | vs SLEB (wiki / news) | removed (original idx, order) | wall s | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | blocks | ppl wiki | ppl news | vs SLEB (wiki / news) | healed wiki / news "
+             "| removed (original idx, order) | wall s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sel:
         rel = "-"
         if sleb and r["method"] not in ("dense", "sleb"):
             rel = " / ".join(f"{100 * (r['ppl'][s] / sleb['ppl'][s] - 1):+.1f}%" for s in ("wiki", "news"))
+        healed = f"{r['ppl_healed']['wiki']:.2f} / {r['ppl_healed']['news']:.2f}" if r.get("ppl_healed") else "-"
         lines.append(f"| {_label(r)} | {r['layers']} | {r['ppl']['wiki']:.2f} | {r['ppl']['news']:.2f} | {rel} "
-                     f"| {r['removed'] or '-'} | {r['wall_s']:.0f} | {r['peak_mb'] if r['peak_mb'] else '-'} |")
+                     f"| {healed} | {r['removed'] or '-'} | {r['wall_s']:.0f} | {r['peak_mb'] if r['peak_mb'] else '-'} |")
     return lines
 
 
@@ -116,6 +129,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--set-fusegpt", nargs="*", default=[], metavar="KEY=VALUE", help="FuseGPT settings over the preset")
     ap.add_argument("--set-mift", nargs="*", default=[], metavar="KEY=VALUE", help="MI+FT settings over the preset")
+    ap.add_argument("--heal", action="store_true", help="heal each pruned model (LoRA, cpu preset) and evaluate again")
     ap.add_argument("--out", default="benchmarks/out/fusegpt.json")
     ap.add_argument("--md", default="benchmarks/results_fusegpt.md")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
@@ -143,7 +157,7 @@ def main() -> None:
     for sparsity in args.sparsity:
         for method in args.methods.split(","):
             s = 0.0 if method == "dense" else sparsity
-            variant = _variant(_own(method, args))
+            variant = _variant_of(method, args)
             if any(_same(r, {"method": method, "sparsity": s, "variant": variant}) for r in rows):
                 continue
             row = run_one(dense, tok, method, sparsity, args, evalc)
@@ -174,7 +188,8 @@ def write_md(rows: list[dict], args, commands: list[str]) -> str:
     for r in rows:
         if r["method"] in GROUP_METHODS:
             keys = ("preset", "loss", "epochs", "ft_nsamples", "ft_seqlen", "group_size", "lora_rank", "coef_rank",
-                    "lr_coef", "lr_base", "lr", "batch_size")
+                    "lr_coef", "lr_base", "lr", "batch_size", "training", "warmup", "clip_grad", "val_nsamples",
+                    "keep_best", "selection", "trial_candidates")
             st = ", ".join(f"{k}={r['settings'][k]}" for k in keys if k in r["settings"])
             md.append(f"- {_label(r)} @ {r['sparsity']}: {st}; fallbacks {r.get('fallbacks') or 'none'}")
     text = "\n".join(md) + "\n"

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from fusegpt import config_for
-from fusegpt.width import decoder_params
 
-from fusegpt import EvalConfig, compress, evaluate, load_model
+from fusegpt import EvalConfig, compress, config_for, evaluate, load_model
 from fusegpt.models import get_adapter
 from fusegpt.utils import count_params
+from fusegpt.width import decoder_params
 
 logger = logging.getLogger("bench_slimgpt")
 ROOT = Path(__file__).resolve().parent

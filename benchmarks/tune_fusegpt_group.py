@@ -22,13 +22,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_fusegpt.py; before torch is imported
 
 
-from fusegpt.blocks import remove_blocks  # noqa: E402
-from fusegpt.methods.fusegpt.loop import _fuse_and_train, _group_outputs, _states_entering  # noqa: E402
-from fusegpt.fusion import eval_loss, group_window  # noqa: E402
-
 from fusegpt import EvalConfig, config_for, evaluate, load_model  # noqa: E402
+from fusegpt.blocks import remove_blocks  # noqa: E402
 from fusegpt.data import calibration_windows  # noqa: E402
+from fusegpt.fusion import eval_loss, group_window  # noqa: E402
 from fusegpt.importance import lowest, mi_scores  # noqa: E402
+from fusegpt.methods.fusegpt.loop import _fuse_and_train, _group_outputs, _states_entering  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
 
 VARIANTS = {

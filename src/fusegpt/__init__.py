@@ -15,10 +15,12 @@ from .api import (
     estimate_memory,
     estimate_seconds,
     evaluate,
+    heal_checkpoint,
     plan_run,
     prune,
 )
 from .checkpoint import save_pruned
+from .heal import HealConfig, heal
 from .loading import load_model, load_pruned
 from .methods import (
     BlockPruneConfig,
@@ -48,6 +50,7 @@ __all__ = [
     "EvalConfig",
     "FuseGPTConfig",
     "GroupTrainConfig",
+    "HealConfig",
     "Interrupted",
     "MIConfig",
     "MIFTConfig",
@@ -68,6 +71,8 @@ __all__ = [
     "estimate_memory",
     "estimate_seconds",
     "evaluate",
+    "heal",
+    "heal_checkpoint",
     "load_model",
     "load_pruned",
     "method_names",

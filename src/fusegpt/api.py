@@ -26,7 +26,9 @@ from torch import nn
 from .checkpoint import atomic_write_dir, check_output, save_pruned
 from .data import calibration_windows, check_source, eval_tokens
 from .eval.perplexity import perplexity
-from .loading import load_model, model_config
+from .heal import HealConfig
+from .heal import heal as heal_model
+from .loading import load_model, load_pruned, model_config
 from .memory import (
     EstimateEnv,
     MemoryEstimate,
@@ -303,6 +305,7 @@ def prune(
     baseline_perplexity: dict[str, float] | None = None,
     before_save: Callable[[nn.Module, Report], None] | None = None,
     save_model: bool = True,
+    heal: HealConfig | None = None,
 ) -> PruneResult:
     """Prune ``model_spec`` (a folder, hub id, ``.gguf`` or None = embedded) into ``output``.
 
@@ -314,7 +317,8 @@ def prune(
     ``model_spec`` (the sweep passes copies of one dense model), with ``origin`` when it was
     pruned before; ``baseline_perplexity``: the "before" figures when already known;
     ``before_save(model, report)``: a last hook before the atomic save; ``save_model=False``
-    writes only ``report.json``.
+    writes only ``report.json``. ``heal``: recovery fine-tuning after pruning
+    (:mod:`fusegpt.heal`); the report gets ``extra.heal`` and ``perplexity.healed``.
     """
     placement = placement or Placement()
     out = check_output(output, overwrite)
@@ -342,6 +346,10 @@ def prune(
         raise Interrupted(kept, folder_size(kept) if kept else 0, resumable) from None
     report.extra["estimate"] = {"seconds": {k: round(v, 3) for k, v in plan.seconds.items()},
                                 "memory_bytes": plan.memory.total}
+    if heal is not None:
+        model, report.extra["heal"] = heal_model(model, tokenizer, heal)
+        if eval_config is not None:
+            report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
     if before_save is not None:
         before_save(model, report)
     if save_model:
@@ -436,6 +444,34 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None) -> d
         toks = eval_tokens(tokenizer, src, config.seqlen)
         out[src] = perplexity(model, toks, config.seqlen, config.max_tokens, config.batch_size, desc=f"ppl {src}")
     return out
+
+
+def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | None = None, *,
+                    eval_config: EvalConfig | None = None, overwrite: bool = False,
+                    placement: Placement | None = None) -> Report:
+    """``fusegpt heal``: load a (pruned) checkpoint, heal it, save it to ``output`` atomically.
+
+    The folder's ``report.json`` (when present) is carried over with ``extra.heal`` added and the
+    perplexity before/after healing under ``perplexity.before_heal`` / ``perplexity.after_heal``.
+    """
+    placement = placement or Placement()
+    out = check_output(output, overwrite)
+    cfg = (config or HealConfig()).resolve(torch.device(placement.device).type)
+    check_source(cfg.source)
+    for src in eval_config.data if eval_config else ():
+        check_source(src)
+    model, tok = load_pruned(model_spec, dtype=placement.dtype, device=placement.device)
+    if tok is None:
+        raise ConfigError(f"{model_spec} has no tokenizer; healing needs one to read its text")
+    src = Path(model_spec) / "report.json"
+    report = Report.load(src) if src.is_file() else Report(model=str(model_spec), versions=library_versions())
+    if eval_config is not None:
+        report.perplexity["before_heal"] = evaluate(model, tok, eval_config)
+    model, report.extra["heal"] = heal_model(model, tok, cfg)
+    if eval_config is not None:
+        report.perplexity["after_heal"] = evaluate(model, tok, eval_config)
+    save_pruned(model, tok, out, report, overwrite=overwrite)
+    return report
 
 
 def interrupted_message(err: Interrupted, resume_command: str | None = None) -> str:

@@ -140,7 +140,8 @@ def fusion_groups(step: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_fusion(step: dict[str, Any], path: Path) -> Path:
-    """Loss per epoch for each fused group (epoch 0 = before training)."""
+    """Loss per epoch for each fused group (epoch 0 = before training): training (solid) and, when
+    the run validated, held-in validation (dashed, the kept epoch ringed)."""
     plt = _plt()
     groups = fusion_groups(step)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -149,15 +150,24 @@ def plot_fusion(step: dict[str, Any], path: Path) -> Path:
         ys = ([g["loss_start"]] if g.get("loss_start") is not None else []) + list(g["loss_per_epoch"])
         xs = list(range(len(ys))) if g.get("loss_start") is not None else list(range(1, len(ys) + 1))
         label = f"#{i + 1}: block {g.get('removed')} → {g.get('group')}"
-        ax.plot(xs, ys, marker="o", color=cmap(i / max(1, len(groups) - 1)), label=label)
+        color = cmap(i / max(1, len(groups) - 1))
+        ax.plot(xs, ys, marker="o", color=color, label=label)
+        val = g.get("val_loss_per_epoch")
+        if val:
+            ax.plot(range(len(val)), val, marker="x", linestyle="--", color=color)
+            if g.get("best_epoch") is not None:
+                ax.plot([g["best_epoch"]], [val[g["best_epoch"]]], marker="o", markersize=11, fillstyle="none",
+                        color=color)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (0 = before training; k = mean over epoch k)")
     ax.set_ylabel("group loss")
-    if all(y > 0 for g in groups for y in g["loss_per_epoch"]):
+    if all(y > 0 for g in groups for y in [*g["loss_per_epoch"], *(g.get("val_loss_per_epoch") or [])]):
         ax.set_yscale("log")
-    ax.set_title(f"{step['method']}: fusion loss per epoch for each group", fontsize=9)
+    validated = any(g.get("val_loss_per_epoch") for g in groups)
+    ax.set_title(f"{step['method']}: group loss per epoch (solid: training"
+                 + ("; dashed: validation, ring: epoch kept)" if validated else ")"), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

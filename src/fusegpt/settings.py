@@ -67,42 +67,26 @@ class CalibrationConfig:
 
 
 @dataclass
-class PruneConfig:
-    """Settings every pruning method shares; subclasses add theirs, their ``DEFAULTS`` and ``PRESETS``.
+class Settings:
+    """Typed settings with presets: unset = None, one :meth:`resolve`, an origin for every value.
 
-    ``sparsity``: fraction of blocks (depth methods) or of decoder parameters (width methods).
-    ``calib_source``/``nsamples``/``seqlen``/``seed``: the calibration windows.
+    Subclasses declare their fields (default ``None``), ``DEFAULTS`` and ``PRESETS``, and check
+    values in :meth:`validate` (set values only) and :meth:`validate_resolved` (across fields).
     """
 
-    method: ClassVar[str] = ""
-    DEFAULTS: ClassVar[dict[str, Any]] = {"sparsity": 0.25, "calib_source": "wiki", "seed": 0, "nsamples": 32,
-                                          "seqlen": 2048}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {}}
+    label: ClassVar[str] = "settings"
 
-    sparsity: float | None = None
     preset: str | None = None
-    calib_source: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every set value (unset ones are skipped); cross-field checks need both values."""
-        s = self.sparsity
-        check(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 < s < 1.0),
-              f"sparsity must be in (0, 1), got {s!r}; e.g. --sparsity 0.25 removes a quarter")
         check_choice("preset", self.preset, tuple(self.PRESETS))
-        check_int("nsamples", self.nsamples)
-        check_int("seqlen", self.seqlen, 2)
-        check_int("seed", self.seed, 0)
-        check(self.calib_source is None or isinstance(self.calib_source, str),
-              f"calib_source must be a data source name or file, got {self.calib_source!r}")
 
-    # ------------------------------------------------------------------ presets
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """``DEFAULTS`` merged along the class hierarchy (subclasses win)."""
@@ -134,7 +118,7 @@ class PruneConfig:
         """Where each resolved value came from: ``explicit``, ``preset <name>`` or ``default``."""
         return dict(self.__dict__.get("_origins") or {})
 
-    def resolve(self, device_type: str = "cpu") -> PruneConfig:
+    def resolve(self, device_type: str = "cpu"):
         """A copy with every unset field filled (preset, then defaults), validated as a whole.
 
         Idempotent: a resolved config is returned as is.
@@ -176,20 +160,13 @@ class PruneConfig:
             raise ConfigError(f"{type(self).__name__} is not resolved; call .resolve(device_type) first "
                               "(compress/prune do this)")
 
-    # ------------------------------------------------------------------ convenience
-    @property
-    def calib(self) -> CalibrationConfig:
-        """The calibration windows of a resolved config."""
-        self.require_resolved()
-        return CalibrationConfig(self.calib_source, self.nsamples, self.seqlen, self.seed)
-
-    def with_overrides(self, **kw: Any) -> PruneConfig:
+    def with_overrides(self, **kw: Any):
         """A copy with the given fields replaced (``None`` values are ignored); validates again.
 
         The copy is unresolved: resolve it again (overrides may change what a preset fills).
         """
         unknown = set(kw) - set(self.setting_names())
-        check(not unknown, f"unknown setting(s) for {self.method}: {', '.join(sorted(unknown))}; "
+        check(not unknown, f"unknown setting(s) for {self.label}: {', '.join(sorted(unknown))}; "
                            f"its settings are {', '.join(self.setting_names())}")
         if self.is_resolved:  # go back to what was explicit, so presets can fill again
             base = {k: (getattr(self, k) if o == "explicit" else None) for k, o in self.origins.items()}
@@ -199,12 +176,59 @@ class PruneConfig:
         return replace(src, **{k: v for k, v in kw.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
+        """Settings as JSON-ready values; for a resolved config also ``origins``."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.is_resolved:
+            d["origins"] = self.origins
+        return d
+
+
+@dataclass
+class PruneConfig(Settings):
+    """Settings every pruning method shares; subclasses add theirs, their ``DEFAULTS`` and ``PRESETS``.
+
+    ``sparsity``: fraction of blocks (depth methods) or of decoder parameters (width methods).
+    ``calib_source``/``nsamples``/``seqlen``/``seed``: the calibration windows.
+    """
+
+    method: ClassVar[str] = ""
+    DEFAULTS: ClassVar[dict[str, Any]] = {"sparsity": 0.25, "calib_source": "wiki", "seed": 0, "nsamples": 32,
+                                          "seqlen": 2048}
+
+    sparsity: float | None = None
+    calib_source: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return self.method
+
+    def validate(self) -> None:
+        super().validate()
+        s = self.sparsity
+        check(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 < s < 1.0),
+              f"sparsity must be in (0, 1), got {s!r}; e.g. --sparsity 0.25 removes a quarter")
+        check_int("nsamples", self.nsamples)
+        check_int("seqlen", self.seqlen, 2)
+        check_int("seed", self.seed, 0)
+        check(self.calib_source is None or isinstance(self.calib_source, str),
+              f"calib_source must be a data source name or file, got {self.calib_source!r}")
+
+    @property
+    def calib(self) -> CalibrationConfig:
+        """The calibration windows of a resolved config."""
+        self.require_resolved()
+        return CalibrationConfig(self.calib_source, self.nsamples, self.seqlen, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
         """Settings as JSON-ready values; for a resolved config also ``calib`` and ``origins``."""
-        d: dict[str, Any] = {"method": self.method, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        d: dict[str, Any] = {"method": self.method, **super().to_dict()}
         if self.is_resolved:
             c = self.calib
             d["calib"] = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
-            d["origins"] = self.origins
+            d["origins"] = d.pop("origins")
         return d
 
     def plan_layers(self, n_layers: int) -> int:

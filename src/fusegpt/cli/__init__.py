@@ -18,7 +18,7 @@ from ..loading import ModelLoadError
 from ..settings import ConfigError
 from .common import UsageError
 from .evaluate import add_eval_parser
-from .prune import add_export_parser, add_prune_parser
+from .prune import add_export_parser, add_heal_parser, add_prune_parser
 from .tools import add_bench_parser, add_report_parser, add_sweep_parser
 
 logger = logging.getLogger("fusegpt")
@@ -27,6 +27,7 @@ EPILOG = """examples:
   fusegpt prune --method mi --sparsity 0.25 --output runs/mi25      # embedded SmolLM2, cpu preset on a CPU
   fusegpt prune --method fusegpt --sparsity 0.25 --dry-run --output runs/f25   # settings, memory, time; no work
   fusegpt prune --model meta-llama/Llama-2-7b-hf --method sleb --sparsity 0.2 --calib wikitext2 --output out
+  fusegpt heal --model runs/mi25 --output runs/mi25-healed             # LoRA recovery fine-tuning, merged
   fusegpt eval --model runs/mi25 --data wiki news --max-tokens 32768 --json
   fusegpt eval --model runs/mi25 --tasks proxies --limit 100        # offline zero-shot proxies (lm-eval)
   fusegpt sweep --methods shortgpt,sleb,mi --sparsity 0.125,0.25 --output runs/sweep
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prune_parser(sub)
+    add_heal_parser(sub)
     add_export_parser(sub)
     add_eval_parser(sub)
     add_sweep_parser(sub)

@@ -6,12 +6,13 @@ import argparse
 import shlex
 import sys
 
-from ..api import configs_for, interrupted_message, prune
+from ..api import configs_for, heal_checkpoint, interrupted_message, prune
+from ..heal import HealConfig
 from ..loading import load_model
 from ..methods import registry
 from ..runstate import Interrupted
 from ..settings import PRESETS, EvalConfig
-from .common import add_device_args, check_model, placement_of, print_table, settings_from
+from .common import UsageError, add_device_args, check_model, placement_of, print_table, settings_from
 
 
 def _methods_help() -> str:
@@ -53,6 +54,10 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source (default 32768)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    p.add_argument("--heal", action="store_true",
+                   help="after pruning, recovery fine-tuning: LoRA on the next-token loss, merged back (extra: heal)")
+    p.add_argument("--heal-set", action="append", metavar="KEY=VALUE",
+                   help="a healing setting (nsamples, seqlen, epochs, lr, lora_rank, source, ...), repeatable")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="refuse up front when the estimated peak memory exceeds SIZE (e.g. 24GB, 512MiB); switches "
                         "to layer-wise execution when only that fits")
@@ -76,7 +81,8 @@ def cmd_prune(args) -> int:
     try:
         res = prune(args.model, configs, args.output, placement=placement_of(args), eval_config=eval_cfg,
                     overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run,
-                    model_name=args.model or "embedded:SmolLM2-135M-Instruct")
+                    model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+                    heal=HealConfig().with_overrides(**settings_from(args.heal_set)) if args.heal else None)
     except Interrupted as e:
         print(f"fusegpt: {interrupted_message(e, resume_command(args.argv) if e.state else None)}", file=sys.stderr)
         return 130
@@ -86,17 +92,62 @@ def cmd_prune(args) -> int:
         return 0
     report = res.report
     rows = [("blocks", report.layers_before, report.layers_after), ("params", report.params_before, report.params_after)]
+    healed = report.perplexity.get("healed")
+    if healed:  # the healed model has the pruned shape
+        rows = [r + (r[2],) for r in rows]
     for src in (eval_cfg.data if eval_cfg else ()):
-        rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src]))
+        rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src])
+                    + ((healed[src],) if healed else ()))
     print(f"{report.to_dict()['method']}: removed blocks {report.removed} (original indices, removal order); "
           f"{report.wall_time_s:.0f}s (estimated {res.plan.total_seconds:.0f}s), peak {report.peak_memory_mb:.0f} MB")
-    print_table(rows, ("", "before", "after"))
+    print_table(rows, ("", "before", "after") + (("healed",) if healed else ()))
+    if healed:
+        h = report.extra["heal"]
+        print(f"healing: training loss {h['loss_before']:.4f} -> {h['loss_after']:.4f} in {h['steps']} steps, "
+              f"{h['wall_time_s']:.0f}s")
     for st in report.steps:  # width steps: what the decoder lost
         if "sparsity_achieved" in st.details:
             dp = st.details["decoder_params"]
             print(f"{st.method}: decoder parameters {dp['before']:,} -> {dp['after']:,} "
                   f"({st.details['sparsity_achieved']:.1%} below the start); per-layer widths in report.json")
     print(f"saved to {res.output}")
+    return 0
+
+
+def add_heal_parser(sub) -> None:
+    h = sub.add_parser("heal", help="recovery fine-tuning of a pruned checkpoint (LoRA, merged back)",
+                       description="LoRA on the next-token loss of the whole model (peft, extra 'heal'), merged into "
+                                   "the weights: a depth-pruned folder stays a stock checkpoint, a width-pruned one a "
+                                   "load_pruned checkpoint. Perplexity before/after goes into report.json.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_device_args(h)
+    h.add_argument("--output", required=True, help="output folder (written atomically)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    h.add_argument("--preset", default=None, choices=PRESETS, help="healing preset (default: paper on CUDA, cpu otherwise)")
+    h.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a healing setting: source, nsamples, seqlen, epochs, batch_size, lr, lora_rank, lora_alpha")
+    h.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
+    h.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    h.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
+    h.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    h.set_defaults(func=cmd_heal)
+
+
+def cmd_heal(args) -> int:
+    if args.model is None:
+        raise UsageError("give --model: the pruned checkpoint folder to heal")
+    cfg = HealConfig(preset=args.preset).with_overrides(**settings_from(args.set))
+    eval_cfg = None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen,
+                                                    max_tokens=args.max_tokens)
+    check_model(args.model)
+    report = heal_checkpoint(args.model, args.output, cfg, eval_config=eval_cfg, overwrite=args.overwrite,
+                             placement=placement_of(args))
+    h = report.extra["heal"]
+    rows = [(f"ppl {src}", report.perplexity["before_heal"][src], report.perplexity["after_heal"][src])
+            for src in (eval_cfg.data if eval_cfg else ())]
+    rows.append(("training loss", h["loss_before"], h["loss_after"]))
+    print_table(rows, ("", "before", "after"))
+    print(f"healed in {h['wall_time_s']:.0f}s ({h['steps']} steps); saved to {args.output}")
     return 0
 
 

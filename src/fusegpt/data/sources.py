@@ -106,6 +106,34 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
+def heldout_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, train_nsamples: int,
+                    split: str = "train") -> torch.Tensor:
+    """``nsamples`` windows that overlap neither each other nor the ``train_nsamples`` windows that
+    :func:`calibration_windows` draws with the same ``seed`` (a held-in validation set).
+
+    The same seeded generator continues after the training draws; a start whose window would
+    overlap an earlier window is drawn again.
+    """
+    ids = token_stream(tokenizer, source, split)
+    n = ids.numel()
+    need = (nsamples + train_nsamples) * seqlen
+    if n < 2 * need + 1:
+        raise DataError(f"data source {source} ({split}) has {n} tokens, too few for {train_nsamples} training and "
+                        f"{nsamples} validation windows of {seqlen} that do not overlap; lower val_nsamples or seqlen")
+    rng = random.Random(seed)
+    taken = [rng.randint(0, n - seqlen - 1) for _ in range(train_nsamples)]
+    starts: list[int] = []
+    tries = 0
+    while len(starts) < nsamples:
+        s = rng.randint(0, n - seqlen - 1)
+        tries += 1
+        if all(abs(s - t) >= seqlen for t in (*taken, *starts)):
+            starts.append(s)
+        elif tries > 1000 * nsamples:
+            raise DataError(f"could not place {nsamples} validation windows beside the training windows in {source}")
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
 def eval_tokens(tokenizer, source: str, seqlen: int) -> torch.Tensor:
     """The evaluation token stream of ``source`` (GPTQ protocol; C4 capped at 256 · seqlen)."""
     ids = token_stream(tokenizer, source, "test", joiner=" " if source == "c4" else "\n\n")

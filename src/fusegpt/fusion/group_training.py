@@ -101,6 +101,9 @@ class TrainSettings:
     max_retries: int = 2
     retry_lr_factor: float = 0.1
     amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None = no autocast
+    warmup: float = 0.0  # share of the steps with a linear learning-rate warm-up (0 = none)
+    clip_grad: float = 0.0  # max gradient norm (0 = no clipping)
+    keep_best: bool = False  # restore the epoch with the lowest validation loss (epoch 0 = untrained)
 
 
 @dataclass
@@ -108,6 +111,8 @@ class TrainResult:
     """Per-epoch mean loss of the accepted run, retries, and whether it diverged for good."""
 
     loss_per_epoch: list[float] = field(default_factory=list)
+    val_loss_per_epoch: list[float] = field(default_factory=list)  # [0] = before training
+    best_epoch: int | None = None  # the epoch kept (0 = the untrained start) when keep_best
     loss_start: float = float("nan")
     retries: int = 0
     lr_scale: float = 1.0
@@ -140,6 +145,18 @@ def run_group(adapter: DecoderAdapter, blocks: Sequence[int], h: torch.Tensor, c
     return h
 
 
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine annealing to 0 over the rest.
+
+    With no warm-up this is the reference's cosine over all steps, ``0.5·(1 + cos(π·step/total))``.
+    """
+    if warmup_steps <= 0:
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(total - warmup_steps, 1)))
+
+
 def train_group(
     adapter: DecoderAdapter,
     student: Sequence[int],
@@ -149,10 +166,16 @@ def train_group(
     base_params: Sequence[nn.Parameter],
     settings: TrainSettings,
     desc: str = "group",
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``coef_params`` (lr_coef) and ``base_params`` (lr_base) so that the blocks
     ``student`` map ``inputs`` to ``targets``. Adam (0.9, 0.95), eps 1e-8, no weight decay,
-    cosine annealing over epochs × batches.
+    cosine annealing over epochs × batches, after a linear warm-up over ``settings.warmup`` of the
+    steps; gradients clipped to norm ``settings.clip_grad`` when > 0.
+
+    ``val``: held-in (inputs, targets) on which the loss is measured before training and after
+    every epoch; with ``settings.keep_best`` the trained values of the best epoch (possibly the
+    untrained start) are restored at the end.
 
     Divergence: every step's loss and gradients are checked *before* the update. A non-finite
     value restores the group (factors and optimizer state) to its state at the start of that
@@ -182,6 +205,12 @@ def train_group(
     orders = [torch.randperm(n, generator=gen) for _ in range(settings.epochs)]
     ctx = adapter.context(inputs[:bs].to(device))
     ctx_by_bs = {bs: ctx}
+    warmup_steps = int(math.ceil(settings.warmup * total)) if settings.warmup > 0 else 0
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+    if val is not None:
+        v0 = eval_loss(adapter, student, val[0], val[1], settings.loss, bs)
+        result.val_loss_per_epoch.append(v0)
+        best = (v0, 0, [p.detach().clone() for p in params])
     scale = 1.0
     step = 0
     epoch = 0
@@ -197,9 +226,9 @@ def train_group(
                 t = targets[idx].to(device)
                 if x.shape[0] not in ctx_by_bs:
                     ctx_by_bs[x.shape[0]] = adapter.context(x)
-                lr_factor = scale * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                factor = scale * lr_factor(step, total, warmup_steps)
                 for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_factor
+                    g["lr"] = g["base_lr"] * factor
                 with autocast():
                     out = run_group(adapter, student, x, ctx_by_bs[x.shape[0]])
                     loss = loss_fn(out.float(), t.float())
@@ -208,12 +237,17 @@ def train_group(
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    if settings.clip_grad > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
                     scaler.step(opt)  # skips steps with inf gradients (fp16 loss scaling)
                     scaler.update()
                 else:
                     loss.backward()
                     if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
                         raise Diverged(f"non-finite gradient at step {step}")
+                    if settings.clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
                     opt.step()
                 losses.append(float(loss.detach()))
                 step += 1
@@ -232,10 +266,23 @@ def train_group(
             logger.warning("%s: %s; restored epoch %d, retrying with lr x%g", desc, e, epoch, scale)
             continue
         result.loss_per_epoch.append(sum(losses) / max(len(losses), 1))
-        logger.info("%s epoch %d/%d: loss %.6g", desc, epoch + 1, settings.epochs, result.loss_per_epoch[-1])
         epoch += 1
+        if val is not None:
+            v = eval_loss(adapter, student, val[0], val[1], settings.loss, bs)
+            result.val_loss_per_epoch.append(v)
+            if best is not None and v < best[0]:
+                best = (v, epoch, [p.detach().clone() for p in params])
+            logger.info("%s epoch %d/%d: train loss %.6g, validation %.6g", desc, epoch, settings.epochs,
+                        result.loss_per_epoch[-1], v)
+        else:
+            logger.info("%s epoch %d/%d: loss %.6g", desc, epoch, settings.epochs, result.loss_per_epoch[-1])
     bar.close()
     opt.zero_grad(set_to_none=True)
+    if settings.keep_best and best is not None and not result.diverged:
+        result.best_epoch = best[1]
+        with torch.no_grad():
+            for p, v in zip(params, best[2], strict=True):
+                p.copy_(v)
     result.lr_scale = scale
     result.steps = step
     return result

@@ -10,6 +10,10 @@ from ..block_scoring import CPU_RANKING, BlockPruneConfig
 
 GROUP_LOSSES = ("kl-batch", "mse", "cosine", "mse+cosine", "kl-logits")
 AMP_DTYPES = ("auto", "bf16", "fp16", "fp32")
+TRAININGS = ("stable", "paper")
+SELECTIONS = ("mi", "fuse-trial")
+# what ``training=paper`` turns off (unless set explicitly): the reference's plain procedure
+PAPER_TRAINING = {"warmup": 0.0, "clip_grad": 0.0, "val_nsamples": 0, "keep_best": False}
 
 # Preset values; an explicit setting (Python field or --set) always wins.
 GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -37,10 +41,26 @@ class GroupTrainConfig(BlockPruneConfig):
     it is not below the loss before training, undo the training and keep the plain removal for
     that block (listed in the report's ``fallbacks``). Not in the paper (off by default);
     measured in benchmarks/RESULTS.md §2.
+
+    Stable group training (on in both presets; ``training="paper"`` turns all four off, the
+    reference's procedure): ``warmup`` (share of a group's steps with a linear learning-rate
+    warm-up), ``clip_grad`` (max gradient norm), ``val_nsamples`` (held-in validation windows of
+    the fine-tuning source, disjoint from the training windows, on which the group loss is
+    measured before training and after every epoch) and ``keep_best`` (the group keeps its best
+    validation epoch, "epoch 0" = untrained included, so no group ends worse than it started).
+    Each can also be set alone.
+
+    ``selection``: ``mi`` (the lowest MI, the paper) or ``fuse-trial`` (the reference code's
+    ``--fuse-eval``: the ``trial_candidates`` lowest-MI blocks are each fused into their group and
+    trained for ``trial_epochs`` at rank ``trial_rank``; the one whose fused model's last hidden
+    state stays closest to the current model's (1 − cos, as MI) is removed).
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"mi_batch_size": 1, "train_norms": True, "max_retries": 2,
-                                          "retry_lr_factor": 0.1, "amp_dtype": "auto", "revert_if_worse": False}
+                                          "retry_lr_factor": 0.1, "amp_dtype": "auto", "revert_if_worse": False,
+                                          "training": "stable", "warmup": 0.1, "clip_grad": 1.0, "val_nsamples": 8,
+                                          "keep_best": True, "selection": "mi", "trial_candidates": 4,
+                                          "trial_epochs": 1, "trial_rank": 8}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = GROUP_TRAIN_PRESETS
 
     group_size: int | None = None
@@ -57,6 +77,15 @@ class GroupTrainConfig(BlockPruneConfig):
     retry_lr_factor: float | None = None
     amp_dtype: str | None = None
     revert_if_worse: bool | None = None
+    training: str | None = None
+    warmup: float | None = None
+    clip_grad: float | None = None
+    val_nsamples: int | None = None
+    keep_best: bool | None = None
+    selection: str | None = None
+    trial_candidates: int | None = None
+    trial_epochs: int | None = None
+    trial_rank: int | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -72,11 +101,25 @@ class GroupTrainConfig(BlockPruneConfig):
         check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         check_bool("train_norms", self.train_norms)
         check_bool("revert_if_worse", self.revert_if_worse)
+        check_choice("training", self.training, TRAININGS)
+        check_float("warmup", self.warmup, 0.0, 1.0)
+        check_float("clip_grad", self.clip_grad)
+        check_int("val_nsamples", self.val_nsamples, 0)
+        check_bool("keep_best", self.keep_best)
+        check_choice("selection", self.selection, SELECTIONS)
+        for name in ("trial_candidates", "trial_epochs", "trial_rank"):
+            check_int(name, getattr(self, name))
+        check(not (self.keep_best and self.val_nsamples == 0),
+              "keep_best needs validation windows (val_nsamples >= 1); set keep_best=False or val_nsamples")
 
     def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
         if values.get("ft_source") is None:
             values["ft_source"] = values["calib_source"]
             origins["ft_source"] = "calib_source"
+        if values.get("training") == "paper":
+            for k, off in PAPER_TRAINING.items():
+                if origins.get(k) != "explicit":
+                    values[k], origins[k] = off, "training paper"
 
 
 @dataclass

@@ -8,7 +8,9 @@ weights and their gradients ``2·(g−1)·P_blk·4``; autograd activations ``(g�
 
 Time, per removed block: one MI ranking of the current model, the group's inputs and teacher
 outputs, the loss before and after training, and ``epochs`` passes of forward + backward
-through the ``g − 1`` student blocks.
+through the ``g − 1`` student blocks; with validation, the validation windows' states and a
+student pass per epoch; with ``fuse-trial``, one pass over both window sets plus each candidate's
+short training and a run to the last block.
 """
 
 from __future__ import annotations
@@ -49,4 +51,11 @@ def group_seconds(g: ModelGeometry, cfg: GroupTrainConfig, env: EstimateEnv, fus
         total += iterative_flops(g, cfg, n, 1, head=False)  # the MI ranking
         total += blk * (n / 2 + gs)  # states entering the group (on average half the model) + teacher
         total += blk * (gs - 1) * (2 + cfg.epochs * (1 + BACKWARD))  # loss before/after + training
+        if cfg.val_nsamples:  # validation before training and after every epoch
+            val_blk = block_flops(g, cfg.val_nsamples * cfg.ft_seqlen, cfg.ft_seqlen)
+            total += val_blk * (n / 2 + gs + (gs - 1) * (cfg.epochs + 2))
+        if cfg.selection == "fuse-trial":  # one pass for the cached states, then each candidate's trial
+            cal_blk = block_flops(g, cfg.nsamples * cfg.seqlen, cfg.seqlen)
+            total += (blk + cal_blk) * n
+            total += cfg.trial_candidates * (blk * (gs - 1) * (1 + cfg.trial_epochs * (1 + BACKWARD)) + cal_blk * n / 2)
     return seconds(total, env)

@@ -24,7 +24,9 @@ training can restore the group exactly.
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...blocks import remove_blocks, scores_by_origin
-from ...data import calibration_windows
+from ...data import calibration_windows, heldout_windows
 from ...fusion import (
     FusedLinear,
     TrainSettings,
@@ -118,22 +120,31 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupT
 
 
 def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool, it: int,
-                    seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
+                    seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None) -> dict[str, Any]:
     """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here.
 
-    On an offloaded model the group's blocks stay on the device for the whole step and are
-    written back to the store afterwards.
+    ``val``: held-in validation windows (see :class:`GroupTrainConfig`). On an offloaded model the
+    group's blocks stay on the device for the whole step and are written back to the store afterwards.
     """
     with adapter.using(group, write=True):
-        return _fuse_and_train_resident(adapter, p, group, ft, fuse, it, seed, cfg)
+        return _fuse_and_train_resident(adapter, p, group, ft, fuse, it, seed, cfg, val)
 
 
-def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool,
-                             it: int, seed: int, cfg: GroupTrainConfig) -> dict[str, Any]:
+def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor | None, fuse: bool,
+                             it: int, seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None,
+                             cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """``cached``: the group's (inputs, teacher outputs) on the training windows, when already known."""
     bs = cfg.batch_size
     student = [j for j in group if j != p]
-    inputs = _states_entering(adapter, ft, group[0], bs)
-    targets = _group_outputs(adapter, group, inputs, bs)
+    if cached is not None:
+        inputs, targets = cached
+    else:
+        inputs = _states_entering(adapter, ft, group[0], bs)
+        targets = _group_outputs(adapter, group, inputs, bs)
+    val_pair = None
+    if val is not None:
+        v_in = _states_entering(adapter, val, group[0], bs)
+        val_pair = (v_in, _group_outputs(adapter, group, v_in, bs))
     # what a fallback restores: the modules per role, the number of terms, every trainable value
     before = {(j, role): (m, len(m.terms) if isinstance(m, FusedLinear) else 0)
               for j in student for role, m in adapter.linear_roles(adapter.layers[j]).items()}
@@ -153,13 +164,14 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         epochs=cfg.epochs, batch_size=bs, lr_coef=cfg.lr_coef if fuse else 0.0,
         lr_base=cfg.lr_base if fuse else cfg.lr, loss=cfg.loss, seed=seed * 1009 + it,
         max_retries=cfg.max_retries, retry_lr_factor=cfg.retry_lr_factor, amp_dtype=amp,
+        warmup=cfg.warmup, clip_grad=cfg.clip_grad, keep_best=cfg.keep_best,
     )
     info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs)}
     for q in (*lora, *coef, *norms):
         q.requires_grad_(True)
     try:
         res = train_group(adapter, student, inputs, targets, coef if fuse else [], [*lora, *norms], settings,
-                          desc=f"{'fuse' if fuse else 'ft'} {it + 1}")
+                          desc=f"{'fuse' if fuse else 'ft'} {it + 1}", val=val_pair)
     finally:
         for q in (*lora, *coef, *norms):
             q.requires_grad_(False)
@@ -173,6 +185,9 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         failed = cfg.revert_if_worse and info["worse"]
     info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
                 fused=fuse and not failed, diverged=res.diverged, reverted=failed and not res.diverged)
+    if val_pair is not None:
+        info.update(val_loss_per_epoch=res.val_loss_per_epoch, best_epoch=res.best_epoch,
+                    val_start=res.val_loss_per_epoch[0] if res.val_loss_per_epoch else None)
     if failed:
         with torch.no_grad():
             for q, v in zip((*lora, *coef, *norms), snapshot, strict=True):
@@ -186,7 +201,79 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
     elif fuse and cfg.max_terms:
         for fl in fused:
             fl.merge_oldest(cfg.max_terms)
+    if val_pair is not None:
+        info["val_end"] = eval_loss(adapter, student, val_pair[0], val_pair[1], cfg.loss, bs)
     return info
+
+
+@torch.no_grad()
+def _states_at(adapter: DecoderAdapter, ids: torch.Tensor, indices: set[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """States entering blocks ``indices`` (``num_layers`` = the last block's output), one pass, block-outer."""
+    chunks = [adapter.embed(c.to(adapter.device)) for c in ids.split(batch_size)]
+    ctxs = adapter.contexts(chunks)
+    out = {}
+    for i in range(adapter.num_layers + 1):
+        if i in indices:
+            out[i] = torch.cat(chunks)
+        if i == adapter.num_layers or i >= max(indices):
+            break
+        chunks = adapter.run_layerwise(chunks, ctxs, i, i + 1)
+    return out
+
+
+@torch.no_grad()
+def _final_distance(adapter: DecoderAdapter, student: list[int], after: int, h_in: torch.Tensor, ref: torch.Tensor,
+                    batch_size: int) -> float:
+    """1 − mean cos between the last hidden state of (student blocks, then blocks ``after``…) and ``ref``."""
+    tot, n = 0.0, 0
+    for x, r in zip(h_in.split(batch_size), ref.split(batch_size), strict=True):
+        ctx = adapter.context(x)
+        h = run_group(adapter, student, x, ctx)
+        h = adapter.run_blocks(h, after, adapter.num_layers, ctx)
+        cos = torch.nn.functional.cosine_similarity(h.float(), r.float(), dim=-1)
+        tot += float(cos.sum())
+        n += cos.numel()
+    return 1.0 - tot / max(n, 1)
+
+
+def fuse_trial(adapter: DecoderAdapter, scores: torch.Tensor, calib: torch.Tensor, ft: torch.Tensor, fuse: bool,
+               it: int, seed: int, cfg: GroupTrainConfig) -> tuple[int, dict[str, float]]:
+    """Selection by trial fusion (the reference's ``--fuse-eval``): returns the block to remove and
+    every candidate's trial score by original index.
+
+    Each of the ``trial_candidates`` lowest-MI blocks is fused into its group and trained for
+    ``trial_epochs`` (ranks ``trial_rank``), then scored by how far the model's last hidden state on
+    the ranking windows moves (1 − cos, as MI); the group is put back before the next candidate.
+    The states entering and leaving every candidate group are computed once per iteration for
+    all candidates (one pass over the training windows and one over the ranking windows).
+    """
+    n = adapter.num_layers
+    k = min(cfg.trial_candidates, int((~torch.isnan(scores)).sum()))
+    cands = lowest(scores, k)
+    groups = {c: group_window(c, n, cfg.group_size) for c in cands}
+    bs = cfg.batch_size
+    ft_states = _states_at(adapter, ft, {g[0] for g in groups.values()} | {g[-1] + 1 for g in groups.values()}, bs)
+    cal_states = _states_at(adapter, calib, {g[0] for g in groups.values()} | {n}, cfg.mi_batch_size)
+    trial_cfg = replace(cfg, epochs=cfg.trial_epochs, lora_rank=cfg.trial_rank, val_nsamples=0, keep_best=False,
+                        revert_if_worse=False, **({"coef_rank": cfg.trial_rank} if fuse else {}))
+    trial_cfg.__dict__["_origins"] = cfg.origins
+    origin = adapter.origin
+    out: dict[str, float] = {}
+    for c in tqdm(cands, desc=f"fuse-trial {it + 1}", leave=False, unit="cand"):
+        g = groups[c]
+        saved = {j: copy.deepcopy(adapter.layers[j]) for j in g}
+        try:
+            _fuse_and_train_resident(adapter, c, g, None, fuse, it, seed, trial_cfg,
+                                     cached=(ft_states[g[0]], ft_states[g[-1] + 1]))
+            student = [j for j in g if j != c]
+            out[str(origin[c])] = _final_distance(adapter, student, g[-1] + 1, cal_states[g[0]], cal_states[n],
+                                                  cfg.mi_batch_size)
+        finally:
+            for j, block in saved.items():
+                adapter.layers[j] = block
+    best = min(cands, key=lambda c: out[str(origin[c])])
+    logger.info("fuse-trial: scores %s; removing block %d", {k2: round(v, 6) for k2, v in out.items()}, origin[best])
+    return best, out
 
 
 def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, fuse: bool) -> None:
@@ -202,6 +289,10 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
     state_dir = ctx.state_dir(cfg.method)
     calib = calibration_windows(ctx.tokenizer, cfg.calib_source, cfg.nsamples, cfg.seqlen, seed)
     ft = calibration_windows(ctx.tokenizer, cfg.ft_source, cfg.ft_nsamples, cfg.ft_seqlen, seed)
+    val = heldout_windows(ctx.tokenizer, cfg.ft_source, cfg.val_nsamples, cfg.ft_seqlen, seed, cfg.ft_nsamples) \
+        if cfg.val_nsamples else None
+    if cfg.selection == "fuse-trial" and adapter.offloader is not None:
+        raise ValueError("selection=fuse-trial does not run layer-wise (--offload) yet; use selection=mi")
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
     start = 0
     if ctx.resume and has_state(state_dir):
@@ -216,22 +307,32 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
         for it in tqdm(range(start, k), desc=f"{cfg.method} blocks", unit="block", initial=start, total=k):
             cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
             scores = mi_scores(adapter, calib, cands, cfg.mi_batch_size)
-            p = lowest(scores, 1)[0]
+            trial = None
+            if cfg.selection == "fuse-trial":
+                p, trial = fuse_trial(adapter, scores, calib, ft, fuse, it, seed, cfg)
+            else:
+                p = lowest(scores, 1)[0]
             group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
-            info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg)
+            info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val)
+            if trial is not None:
+                info["trial_scores"] = trial
             info["group"] = [origin[j] for j in group]
             by_origin = scores_by_origin(adapter, scores)
             removed = remove_blocks(adapter, [p])
             step.add_iteration(by_origin, removed, **info)
             step.details["groups"].append({"removed": removed[0], "group": info["group"],
                                            "loss_start": info["loss_start"], "loss_per_epoch": info["loss_per_epoch"],
-                                           "loss_end": info.get("loss_end")})
+                                           "loss_end": info.get("loss_end"),
+                                           **{k: info[k] for k in ("val_start", "val_loss_per_epoch", "best_epoch",
+                                                                   "val_end", "trial_scores") if k in info}})
             if info["diverged"] or info.get("reverted"):
                 step.details["fallbacks"].append(removed[0])
-            logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s", cfg.method,
+            logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s%s", cfg.method,
                         removed[0], info["group"], info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]],
-                        f"{info['loss_end']:.4g}" if "loss_end" in info else "-")
+                        f"{info['loss_end']:.4g}" if "loss_end" in info else "-",
+                        f"; validation {[round(x, 6) for x in info['val_loss_per_epoch']]}, kept epoch "
+                        f"{info['best_epoch']}" if info.get("val_loss_per_epoch") else "")
             if state_dir is not None:
                 save_state(state_dir, adapter, step, it + 1, settings)
             _after_iteration(it)
