@@ -41,6 +41,13 @@ VARIANTS = {
     "fuse coef lr 1e-2": ("fusegpt", {"lr_coef": 1e-2}),
     "fuse bs4": ("fusegpt", {"batch_size": 4}),
     "fuse kl-batch": ("fusegpt", {"loss": "kl-batch"}),
+    "fuse kl-logits": ("fusegpt", {"loss": "kl-logits"}),
+    "fuse coef only (LoRA/norm lr 0)": ("fusegpt", {"lr_base": 0.0}),
+    "fuse 48 steps": ("fusegpt", {"epochs": 12}),
+    "fuse 80 steps": ("fusegpt", {"epochs": 20}),
+    "ft 48 steps": ("mi+ft", {"epochs": 12}),
+    "ft 80 steps": ("mi+ft", {"epochs": 20}),
+    "fuse training=paper (no warm-up, no clipping)": ("fusegpt", {"training": "paper"}),
     "fuse mse+cosine": ("fusegpt", {"loss": "mse+cosine"}),
 }
 

@@ -295,3 +295,21 @@ def test_load_offloaded_bf16_matches_stock(tmp_path):
     assert a.decoder.rotary_emb.inv_freq.dtype == stock.model.rotary_emb.inv_freq.dtype
     ids = _ids()
     assert perplexity(lazy, ids.flatten(), 24) == perplexity(stock, ids.flatten(), 24)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_removed_blocks_leave_the_store(fam, tmp_path):
+    """One keep_layers for every family: removing blocks of an offloaded model drops them from its
+    store (GPT-2's own copy used to keep them)."""
+    from fusegpt.blocks import remove_blocks
+
+    model = tiny_model(fam)
+    off = attach(model, "cpu", "disk", tmp_path / "store")
+    a = get_adapter(model)
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 6
+    assert remove_blocks(a, [1, 3]) == [1, 3] and a.origin == [0, 2, 4, 5]
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 4
+    assert model.config.num_hidden_layers == 4
+    with torch.no_grad():
+        assert torch.isfinite(a.logits(a.run_blocks(a.embed(_ids())))).all()
+    off.close()

@@ -17,8 +17,9 @@ import torch
 
 from .memory import EstimateEnv, ModelGeometry
 
-EFFICIENCY = {"cpu": 0.5, "cuda": 0.35}  # share of the matmul rate a block forward reaches
-BACKWARD = 2.0  # a backward pass costs about twice the forward
+EFFICIENCY = {"cpu": 0.6, "cuda": 0.35}  # share of the matmul rate a block forward reaches
+BACKWARD = 2.5  # a backward pass (with the fused layers' effective weights) costs about 2.5 forwards
+HEAD_EFFICIENCY = 2.0  # the LM head is one large matmul: about twice a block's share of the peak
 
 
 @functools.cache
@@ -48,8 +49,9 @@ def block_flops(g: ModelGeometry, tokens: int, seqlen: int) -> float:
 
 
 def head_flops(g: ModelGeometry, tokens: int) -> float:
-    """Forward FLOPs of the LM head on ``tokens`` tokens."""
-    return 2.0 * tokens * g.vocab * g.hidden
+    """Forward FLOPs of the LM head on ``tokens`` tokens, in block-equivalent units (divided by
+    ``HEAD_EFFICIENCY``: it runs nearer the matmul peak than a block does)."""
+    return 2.0 * tokens * g.vocab * g.hidden / HEAD_EFFICIENCY
 
 
 def seconds(flops: float, env: EstimateEnv) -> float:

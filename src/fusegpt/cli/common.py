@@ -107,3 +107,17 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread the model over several GPUs with accelerate: auto, balanced, sequential, or a JSON "
                         "file mapping module names to devices")
+
+
+def add_before_after_eval_args(p: argparse.ArgumentParser) -> None:
+    """Perplexity before and after the command's work (prune, heal)."""
+    p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source (default 32768)")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+
+
+def eval_config_of(args):
+    from ..settings import EvalConfig
+
+    return None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)

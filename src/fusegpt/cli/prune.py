@@ -11,8 +11,17 @@ from ..heal import HealConfig
 from ..loading import load_model
 from ..methods import registry
 from ..runstate import Interrupted
-from ..settings import PRESETS, EvalConfig
-from .common import UsageError, add_device_args, check_model, placement_of, print_table, settings_from
+from ..settings import PRESETS
+from .common import (
+    UsageError,
+    add_before_after_eval_args,
+    add_device_args,
+    check_model,
+    eval_config_of,
+    placement_of,
+    print_table,
+    settings_from,
+)
 
 
 def _methods_help() -> str:
@@ -50,10 +59,7 @@ def add_prune_parser(sub) -> None:
                    help="continue an interrupted run from <output>.state/ (same settings)")
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)")
-    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source (default 32768)")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    add_before_after_eval_args(p)
     p.add_argument("--heal", action="store_true",
                    help="after pruning, recovery fine-tuning: LoRA on the next-token loss, merged back (extra: heal)")
     p.add_argument("--heal-set", action="append", metavar="KEY=VALUE",
@@ -75,8 +81,7 @@ def cmd_prune(args) -> int:
     settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
                     preset=args.preset, **settings_from(args.set))
     configs = configs_for(args.method, args.sparsity, **settings)
-    eval_cfg = None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen,
-                                                    max_tokens=args.max_tokens)
+    eval_cfg = eval_config_of(args)
     check_model(args.model)
     try:
         res = prune(args.model, configs, args.output, placement=placement_of(args), eval_config=eval_cfg,
@@ -126,10 +131,7 @@ def add_heal_parser(sub) -> None:
     h.add_argument("--preset", default=None, choices=PRESETS, help="healing preset (default: paper on CUDA, cpu otherwise)")
     h.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a healing setting: source, nsamples, seqlen, epochs, batch_size, lr, lora_rank, lora_alpha")
-    h.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
-    h.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
-    h.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
-    h.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    add_before_after_eval_args(h)
     h.set_defaults(func=cmd_heal)
 
 
@@ -137,8 +139,7 @@ def cmd_heal(args) -> int:
     if args.model is None:
         raise UsageError("give --model: the pruned checkpoint folder to heal")
     cfg = HealConfig(preset=args.preset).with_overrides(**settings_from(args.set))
-    eval_cfg = None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen,
-                                                    max_tokens=args.max_tokens)
+    eval_cfg = eval_config_of(args)
     check_model(args.model)
     report = heal_checkpoint(args.model, args.output, cfg, eval_config=eval_cfg, overwrite=args.overwrite,
                              placement=placement_of(args))

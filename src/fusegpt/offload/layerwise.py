@@ -1,21 +1,12 @@
-"""Layer-wise execution: decoder blocks live off the compute device and come in while used.
+"""Layer-wise models: attach a block store to a loaded model, load a checkpoint lazily block by
+block, and save one block by block as a sharded safetensors checkpoint.
 
-A :class:`BlockOffloader` attached to a model keeps every decoder block's tensors in a *store*
-(CPU memory, or one safetensors file per block in a folder) and leaves the block's modules in
-the model with their parameters on the ``meta`` device. The adapter brings a block onto the
-compute device for the time it runs (``run_block``) or while an algorithm edits it
-(``adapter.using(indices, write=True)``); edited blocks are written back to the store. The
-embeddings, final norm and LM head stay on the compute device.
-
-So the peak memory of a run is the non-block weights, the blocks in use at once (one for scoring,
-perplexity and OBS; a FuseGPT group), and the activations, instead of the whole model. Blocks of a
-checkpoint on disk are read lazily from its own safetensors files (:func:`load_offloaded`), so a
-model bigger than memory never has to be materialised.
-
-Choices: the module structure stays in memory (fusion may replace a block's linears while it is
-onloaded; the new tensors go to the store by name); stored tensors keep their dtype; a block
-loaded from a checkpoint is cast to the model's dtype when it comes in. Disk stores write with
-safetensors (a tensor shared inside a block is written once per name).
+The embeddings, final norm and LM head stay on the compute device; the blocks live in a
+:class:`~fusegpt.offload.store.BlockOffloader`. So the peak memory of a run is the non-block
+weights, the blocks in use at once (one for scoring, perplexity and OBS; a FuseGPT group), and the
+activations, instead of the whole model. Blocks of a checkpoint on disk are read lazily from its
+own safetensors files (:func:`load_offloaded`), so a model bigger than memory never has to be
+materialised.
 """
 
 from __future__ import annotations

@@ -4,13 +4,7 @@ A :class:`BlockOffloader` attached to a model keeps every decoder block's tensor
 (CPU memory, or one safetensors file per block in a folder) and leaves the block's modules in
 the model with their parameters on the ``meta`` device. The adapter brings a block onto the
 compute device for the time it runs (``run_block``) or while an algorithm edits it
-(``adapter.using(indices, write=True)``); edited blocks are written back to the store. The
-embeddings, final norm and LM head stay on the compute device.
-
-So the peak memory of a run is the non-block weights, the blocks in use at once (one for scoring,
-perplexity and OBS; a FuseGPT group), and the activations, instead of the whole model. Blocks of a
-checkpoint on disk are read lazily from its own safetensors files (:func:`load_offloaded`), so a
-model bigger than memory never has to be materialised.
+(``adapter.using(indices, write=True)``); edited blocks are written back to the store.
 
 Choices: the module structure stays in memory (fusion may replace a block's linears while it is
 onloaded; the new tensors go to the store by name); stored tensors keep their dtype; a block
