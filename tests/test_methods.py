@@ -91,7 +91,7 @@ def test_cli_dry_run_every_method_and_chain(method, sparsity, tiny_checkpoint, t
     path, text = tiny_checkpoint
     out = tmp_path / "out"
     rc = main(["prune", "--model", str(path), "--method", method, "--sparsity", sparsity, "--calib", str(text),
-               "--nsamples", "2", "--seqlen", "16", "--output", str(out), "--dry-run"])
+               "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "32", "--output", str(out), "--dry-run"])
     printed = capsys.readouterr().out
     assert rc == 0 and "dry run: nothing was loaded or written" in printed
     for step in registry.parse_chain(method):

@@ -160,9 +160,16 @@ def test_estimate_layerwise_keeps_only_the_blocks_in_use():
         plan_offload(model, cfgs, lw.total - 1)
 
 
-def test_cli_max_memory_switches_to_layerwise(tiny_checkpoint, tmp_path, caplog):
+def test_cli_max_memory_switches_to_layerwise(tiny_checkpoint, tmp_path, caplog, monkeypatch):
+    import contextlib
+
     from transformers import AutoModelForCausalLM
 
+    import fusegpt.api
+
+    # the budget here is sized from the estimates of a tiny model; the test process itself is larger,
+    # so the run-time guard (tested on its own) is switched off
+    monkeypatch.setattr(fusegpt.api, "MemoryGuard", lambda *a, **k: contextlib.nullcontext())
     from fusegpt.api import estimate_memory as estimate_for_run
     from fusegpt.cli import main
 

@@ -67,7 +67,7 @@ def test_sweep_without_checkpoints(tiny_checkpoint, tmp_path):
                  "--calib", str(text), "--nsamples", "2", "--seqlen", "32", "--eval-data", str(text),
                  "--eval-seqlen", "32", "--max-tokens", "128", "--output", str(out), "--no-checkpoints",
                  "--no-plots"]) == 0
-    assert sorted(p.name for p in (out / "shortgpt-0.3").iterdir()) == ["report.json"]
+    assert sorted(p.name for p in (out / "shortgpt-0.3").iterdir()) == [".fusegpt", "report.json"]
     assert collect(out)["rows"][0]["cell"] == "shortgpt-0.3"  # cells found without naming them
 
 

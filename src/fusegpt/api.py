@@ -13,6 +13,7 @@ Methods are found through their records (:mod:`fusegpt.methods`); nothing here n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from .report import Report, StepReport, library_versions
 from .runstate import Interrupted, RunContext, clear_state, folder_size, state_root_for
 from .settings import ConfigError, EvalConfig, PruneConfig
 from .timing import format_duration, measure_flops, perplexity_seconds
-from .utils import PeakMemory, count_params, seed_everything
+from .utils import MemoryGuard, PeakMemory, count_params, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +103,19 @@ def resolve_configs(configs: Sequence[PruneConfig], device_type: str) -> list[Pr
     return [c.resolve(device_type) for c in as_configs(configs)]
 
 
-def check_plan(model: nn.Module | ModelGeometry, configs: Sequence[PruneConfig]) -> None:
+def check_plan(model: nn.Module | ModelGeometry, configs: Sequence[PruneConfig],
+               eval_config: EvalConfig | None = None) -> None:
     """Validate a resolved run against the model (or its geometry) before any long work:
-    data sources, window lengths against the context, the block budget of every step."""
+    data sources, window lengths against the context (evaluation's too), the block budget of every step."""
     g = model if isinstance(model, ModelGeometry) else None
     if g is None:
         adapter = get_adapter(model)
         n_layers, ctx = adapter.num_layers, adapter.max_context
     else:
         n_layers, ctx = g.n_layers, g.max_context
+    if eval_config is not None and ctx and eval_config.seqlen > ctx:
+        raise ConfigError(f"evaluation seqlen {eval_config.seqlen} exceeds the model's context of {ctx} tokens; "
+                          "lower --eval-seqlen")
     n_start = n_layers
     for cfg in configs:
         cfg.require_resolved()
@@ -212,6 +217,24 @@ class Placement:
     device_map: Any = None
     max_memory: str | int | None = None
 
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
+
+def check_device(device: str | torch.device) -> None:
+    """A one-line error for a device this torch cannot use (before anything is loaded)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; give cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch has no usable CUDA (torch.cuda.is_available() is False); "
+                          "use --device cpu or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+
 
 @dataclass
 class RunPlan:
@@ -262,7 +285,7 @@ def plan_run(model_spec: str | None, configs, placement: Placement | None = None
     g = ModelGeometry.of(config)
     kind = torch.device(placement.device).type
     resolved = resolve_configs(configs, kind)
-    check_plan(g, resolved)
+    check_plan(g, resolved, eval_config)
     if placement.max_memory is not None:
         try:
             offload = plan_offload(config, resolved, placement.max_memory, placement.device, eval_config,
@@ -321,7 +344,8 @@ def prune(
     (:mod:`fusegpt.heal`); the report gets ``extra.heal`` and ``perplexity.healed``.
     """
     placement = placement or Placement()
-    out = check_output(output, overwrite)
+    protect = [model_spec] if model_spec and Path(model_spec).expanduser().exists() else []
+    out = check_output(output, overwrite, protect)
     name = model_name or model_spec or "embedded:SmolLM2-135M-Instruct"
     plan = plan_run(model_spec, configs, placement, eval_config, name) if model is None else \
         _plan_loaded(model, configs, placement, eval_config, name)
@@ -337,10 +361,14 @@ def prune(
         calibration_windows(tokenizer, c.calib_source, c.nsamples, c.seqlen, c.seed)
     resumable = any(method_of(c).resumable for c in plan.configs)
     state_root = state_root_for(out) if resumable else None
+    budget = plan.placement.max_memory
+    guard = contextlib.nullcontext() if budget is None else \
+        MemoryGuard(parse_size(budget) if isinstance(budget, str) else int(budget), plan.placement.device)
     try:
-        model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
-                                 origin=origin, state_dir=state_root, resume=resume,
-                                 baseline_perplexity=baseline_perplexity)
+        with guard:
+            model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
+                                     origin=origin, state_dir=state_root, resume=resume,
+                                     baseline_perplexity=baseline_perplexity)
     except KeyboardInterrupt:
         kept = state_root if state_root is not None and state_root.is_dir() and any(state_root.iterdir()) else None
         raise Interrupted(kept, folder_size(kept) if kept else 0, resumable) from None
@@ -352,10 +380,16 @@ def prune(
             report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
     if before_save is not None:
         before_save(model, report)
-    if save_model:
-        save_pruned(model, tokenizer, out, report, overwrite=overwrite)
-    else:
-        atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), overwrite=overwrite)
+    if resume and not resumable:
+        logger.warning("--resume: %s keep no run state; this run started from the beginning",
+                       "+".join(c.method for c in plan.configs))
+    try:
+        if save_model:
+            save_pruned(model, tokenizer, out, report, overwrite=overwrite, protect=protect)
+        else:
+            atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), overwrite=overwrite, protect=protect)
+    except OSError as e:
+        raise OSError(f"could not save to {out} ({e}); {_rescue(model, tokenizer, report, save_model)}") from e
     clear_state(state_root)
     off = offloader_of(model)
     if off is not None:
@@ -363,10 +397,25 @@ def prune(
     return PruneResult(plan=plan, report=report, output=out, extra={"model": model})
 
 
+def _rescue(model: nn.Module, tokenizer, report: Report, save_model: bool) -> str:
+    """After a failed save, keep the pruned model in a fresh temporary folder; say where (or that it could not)."""
+    import tempfile
+
+    try:
+        spare = Path(tempfile.mkdtemp(prefix="fusegpt-rescued-")) / "output"
+        if save_model:
+            save_pruned(model, tokenizer, spare, report)
+        else:
+            atomic_write_dir(spare, lambda tmp: report.save(tmp / "report.json"))
+        return f"the pruned model was saved to {spare} instead; move it where you want it"
+    except Exception as e:  # noqa: BLE001 - the original error is what the user must see
+        return f"saving it to a temporary folder failed as well ({e}); nothing was kept"
+
+
 def _plan_loaded(model: nn.Module, configs, placement: Placement, eval_config, name: str) -> RunPlan:
     kind = get_adapter(model).device.type
     resolved = resolve_configs(configs, kind)
-    check_plan(model, resolved)
+    check_plan(model, resolved, eval_config)
     placement = replace(placement, device=str(get_adapter(model).device))
     memory = estimate_memory(model, resolved, None, placement.device, eval_config,
                              offload=offloader_of(model) is not None)
@@ -455,7 +504,7 @@ def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | No
     perplexity before/after healing under ``perplexity.before_heal`` / ``perplexity.after_heal``.
     """
     placement = placement or Placement()
-    out = check_output(output, overwrite)
+    out = check_output(output, overwrite, protect=[model_spec])
     cfg = (config or HealConfig()).resolve(torch.device(placement.device).type)
     check_source(cfg.source)
     for src in eval_config.data if eval_config else ():
@@ -470,7 +519,7 @@ def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | No
     model, report.extra["heal"] = heal_model(model, tok, cfg)
     if eval_config is not None:
         report.perplexity["after_heal"] = evaluate(model, tok, eval_config)
-    save_pruned(model, tok, out, report, overwrite=overwrite)
+    save_pruned(model, tok, out, report, overwrite=overwrite, protect=[model_spec])
     return report
 
 

@@ -7,6 +7,7 @@ as a Q4_1 GGUF file: it is de-quantised to fp32 once and cached as safetensors u
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -181,16 +182,33 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
 
     adapter = adapter_class(config.model_type)
     auto = getattr(transformers, adapter.auto_class)
-    if device_map is not None:
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation,
-                                     device_map=device_map, max_memory=max_memory)
-        _check_device_map(model)
-    else:
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
-        model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _weights_errors(path):
+        if device_map is not None:
+            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation,
+                                         device_map=device_map, max_memory=max_memory)
+            _check_device_map(model)
+        else:
+            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
+            model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _weights_errors(path: str):
+    """Turn unreadable weights (a truncated or corrupt safetensors file) into one clear error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, EOFError) as e:
+        raise ModelLoadError(f"the weights in {path} cannot be read ({e}); the file is truncated or corrupt: "
+                             "download or save it again") from None
+    except OSError as e:
+        if Path(path).is_dir():
+            raise ModelLoadError(f"cannot load {path}: {e}") from None
+        raise
 
 
 def _check_device_map(model) -> None:

@@ -48,8 +48,16 @@ def render(run_dir: str | Path, output: str | Path | None = None) -> Path:
     rep = run_dir / "report.json"
     if not rep.is_file():
         raise ValueError(f"{run_dir} holds neither report.json nor sweep.json; give a run or sweep folder")
-    return render_run(json.loads(rep.read_text()), Path(output) if output else run_dir / "report.md",
+    return render_run(read_json(rep), Path(output) if output else run_dir / "report.md",
                       widths_config=_widths_from_config(run_dir))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or a ValueError that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was it cut off or edited by hand?") from None
 
 
 def _widths_from_config(run_dir: Path) -> dict[str, Any] | None:
@@ -58,7 +66,7 @@ def _widths_from_config(run_dir: Path) -> dict[str, Any] | None:
         return None
     from .checkpoint.width import WIDTH_KEY
 
-    return json.loads(cfg.read_text()).get(WIDTH_KEY)
+    return read_json(cfg).get(WIDTH_KEY)
 
 
 # ---------------------------------------------------------------- one run
@@ -329,7 +337,7 @@ def plot_sweep(table: dict[str, Any], path: Path) -> Path:
 def render_sweep(sweep_dir: Path, output: str | Path | None = None) -> Path:
     from .sweep import to_markdown
 
-    table = json.loads((sweep_dir / "sweep.json").read_text())
+    table = read_json(sweep_dir / "sweep.json")
     page = Path(output) if output else sweep_dir / "report.md"
     page.parent.mkdir(parents=True, exist_ok=True)
     png = plot_sweep(table, page.parent / f"{page.stem}_sweep_ppl.png")

@@ -83,6 +83,17 @@ def _continuation(prev: tuple[Any, dict[str, Any]] | None, cfg: PruneConfig, n_d
     return model, rep, origin
 
 
+def cell_differences(report: dict[str, Any], cfg: PruneConfig, eval_settings: dict[str, Any]) -> list[str]:
+    """What differs between a finished cell's report and the settings it would be run with now."""
+    steps = report.get("steps") or [{}]
+    old = {k: v for k, v in (steps[0].get("config") or {}).items() if k not in ("origins", "calib")}
+    new = {k: v for k, v in cfg.to_dict().items() if k not in ("origins", "calib")}
+    out = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    have = report.get("eval_settings") or {}
+    out += [f"evaluation {k}: {have.get(k)!r} -> {v!r}" for k, v in eval_settings.items() if have.get(k) != v]
+    return out
+
+
 def _merge(prev: dict[str, Any], report: Report, cfg: PruneConfig) -> None:
     """Make ``report`` one report for the whole run: the earlier cell's iterations, then this run's."""
     step = report.steps[0]
@@ -131,14 +142,16 @@ def run_sweep(
     Every cell goes through :func:`fusegpt.prune` with a copy of the one dense model.
     """
     from . import api
-    from .data import calibration_windows
+    from .data import calibration_windows, check_source
 
     eval_config = eval_config or EvalConfig()
     configs = sweep_configs(methods, sparsities, settings)
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(model_spec, device=device)
     kind = torch.device(device).type
+    for src in {x for c in configs.values() for x in api.cfg_sources(c.resolve(kind))} | set(eval_config.data):
+        check_source(src)  # before the model is loaded
+    model, tok = load_model(model_spec, device=device)
     for cfg in configs.values():  # every budget and data source checked before any long work
         r = cfg.resolve(kind)
         api.check_plan(model, [r])
@@ -170,11 +183,16 @@ def run_sweep(
             cfg = configs[(m, s)].resolve(kind)
             cell = out / cell_name(m, s)
             if (cell / "report.json").is_file():
-                logger.info("%s: finished earlier, skipped", cell.name)
-                last.pop(m, None)
-                if continues and (cell / "config.json").is_file():
-                    last[m] = (None, {"path": cell, **_read_json(cell / "report.json")})
-                continue
+                old = _read_json(cell / "report.json")
+                diff = cell_differences(old, cfg, eval_settings)
+                if not diff:
+                    logger.info("%s: finished earlier with the same settings, skipped", cell.name)
+                    last.pop(m, None)
+                    if continues and (cell / "config.json").is_file():
+                        last[m] = (None, {"path": cell, **old})
+                    continue
+                logger.warning("%s: finished earlier with other settings (%s); pruning it again", cell.name,
+                               "; ".join(diff))
             prev = _continuation(last.get(m), cfg, dense["layers"], device)
             state = Path(f"{cell}.state")
             resume = state.is_dir() and any(state.iterdir())

@@ -71,6 +71,58 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, _rss_mb())
 
 
+class MemoryBudgetExceeded(MemoryError):
+    """A run's measured memory crossed the budget it was given (``--max-memory``)."""
+
+
+class MemoryGuard:
+    """Stop the main thread (KeyboardInterrupt, turned into :class:`MemoryBudgetExceeded` on exit)
+    when the process RSS, or the CUDA allocator on a GPU, crosses ``limit_bytes``."""
+
+    def __init__(self, limit_bytes: int, device: torch.device | str = "cpu", interval: float = 0.1):
+        self.limit_mb = limit_bytes / 2**20
+        self.device = torch.device(device)
+        self.interval = interval
+        self.tripped_mb: float | None = None
+        self._stop = threading.Event()
+
+    def _used_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _rss_mb()
+
+    def _watch(self) -> None:
+        import _thread
+
+        while not self._stop.is_set():
+            used = self._used_mb()
+            if used > self.limit_mb:
+                self.tripped_mb = used
+                _thread.interrupt_main()
+                return
+            time.sleep(self.interval)
+
+    def __enter__(self) -> MemoryGuard:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop.set()
+        self._thread.join()
+        if self.tripped_mb is not None and exc_type is None:
+            try:  # the interrupt may still be pending (it tripped as the work ended): take it here
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                pass
+        if self.tripped_mb is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            raise MemoryBudgetExceeded(
+                f"stopped: the run used {self.tripped_mb:,.0f} MiB, over the --max-memory budget of "
+                f"{self.limit_mb:,.0f} MiB; lower nsamples/seqlen/batch sizes, group_size or max_terms, use "
+                "--offload disk, or raise --max-memory") from None
+        return False
+
+
 @contextmanager
 def timed():
     """``with timed() as t: ...``; ``t()`` gives the elapsed seconds."""

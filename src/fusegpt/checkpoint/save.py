@@ -19,7 +19,7 @@ from .width import mark_width_checkpoint
 logger = logging.getLogger(__name__)
 
 
-def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool = False, protect=()) -> Path:
     """Save ``model`` (safetensors), ``tokenizer`` and ``report.json`` to ``path`` atomically."""
 
     def write(tmp: Path) -> None:
@@ -33,6 +33,6 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
         if report is not None:
             report.save(tmp / "report.json")
 
-    out = atomic_write_dir(path, write, overwrite)
+    out = atomic_write_dir(path, write, overwrite, protect)
     logger.info("saved %s", out)
     return out

@@ -119,9 +119,14 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{folder} holds no .safetensors weights")
+    from safetensors import SafetensorError
+
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"the weights in {f} cannot be read ({e}); the file is truncated or corrupt") from None
     return state
 
 

@@ -13,10 +13,11 @@ import argparse
 import logging
 import sys
 
+from ..checkpoint.atomic import OutputNotWritableError
 from ..data import DataError
 from ..loading import ModelLoadError
 from ..settings import ConfigError
-from .common import UsageError
+from .common import RawHelpFormatter, UsageError
 from .evaluate import add_eval_parser
 from .prune import add_export_parser, add_heal_parser, add_prune_parser
 from .tools import add_bench_parser, add_report_parser, add_sweep_parser
@@ -38,7 +39,7 @@ data sources: wiki, news (embedded), wikitext2, c4, ptb (hub), or a .txt / .json
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusegpt", description="Structured pruning of decoder LLMs.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EPILOG, formatter_class=RawHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prune_parser(sub)
@@ -59,9 +60,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataError, ModelLoadError, FileExistsError, ValueError) as e:
+    except (UsageError, ConfigError, DataError, ModelLoadError, FileExistsError, OutputNotWritableError,
+            ValueError) as e:
         print(f"fusegpt: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # --max-memory crossed while running (the message says what to change)
+        print(f"fusegpt: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a failure while writing results (the message says what was kept, and where)
+        print(f"fusegpt: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fusegpt: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -14,6 +14,21 @@ from ..loading import load_model, read_config, resolve_model_path
 EMBEDDED_ALIASES = ("embedded", "dense", "default")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say what the default is, and not for
+    unset (None) or off (False) defaults."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's line breaks (method lists)."""
+
+
 class UsageError(Exception):
     """Bad input found before any long work; printed as one line, exit code 2."""
 
@@ -95,7 +110,7 @@ def load(args, offload: str | None):
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local folder, hub id (owner/name) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights' dtype: auto = float32 on CPU, bfloat16 on CUDA (Hessians, merges and trained "
                         "parameters are float32 whatever this says)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,14 +14,23 @@ from ..api import evaluate
 from ..data import check_source, known_sources
 from ..settings import EvalConfig
 from ..utils import count_params
-from .common import UsageError, add_device_args, check_model, load, print_table
+from .common import (
+    HelpFormatter,
+    UsageError,
+    add_device_args,
+    check_model,
+    load,
+    print_table,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot accuracy (lm-eval) of a model",
                        description=f"Perplexity, GPTQ protocol. Sources: {known_sources()}. "
                                    "Zero-shot accuracy through lm-evaluation-harness with --tasks.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_device_args(e)
     e.add_argument("--data", nargs="+", default=None,
                    help="perplexity sources (default: wiki news, or none when --tasks is given)")
@@ -51,12 +61,18 @@ def cmd_eval(args) -> int:
               "seqlen": cfg.seqlen if cfg else None, "max_tokens": cfg.max_tokens if cfg else None}
     rows = [(f"ppl {k}", v) for k, v in ppl.items()]
     if args.tasks:
-        result["zeroshot"] = run_zeroshot(args, model, tok, path)
+        result["zeroshot"] = run_zeroshot(args, model, tok)
         rows += zeroshot_rows(result["zeroshot"])
     if args.json:
         print(json.dumps(result))
     else:
         print_table(rows + [("params", result["params"]), ("blocks", result["n_layers"])], ("", "value"))
+    if args.tasks and not args.no_update_report:  # results are printed first: a read-only folder costs nothing
+        try:
+            update_report(path, result["zeroshot"])
+        except OSError as e:
+            logger.warning("could not add the zero-shot results to %s/report.json (%s); they are printed above",
+                           path, e.strerror or e)
     return 0
 
 
@@ -81,23 +97,34 @@ def limit_of(x: float | None) -> int | float | None:
     return None if x is None else int(x) if x >= 1 else x
 
 
-def run_zeroshot(args, model, tok, path: str) -> dict[str, Any]:
-    """Zero-shot results for ``fusegpt eval --tasks``; stored in ``path/report.json`` when present."""
+def run_zeroshot(args, model, tok) -> dict[str, Any]:
+    """Zero-shot results for ``fusegpt eval --tasks``."""
     from ..eval.zeroshot import zeroshot
 
-    res = zeroshot(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=limit_of(args.limit),
-                   batch_size=args.batch_size, include_path=args.include_path)
+    return zeroshot(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=limit_of(args.limit),
+                    batch_size=args.batch_size, include_path=args.include_path)
+
+
+def update_report(path: str, res: dict[str, Any]) -> None:
+    """Add zero-shot results to ``path/report.json`` when there is one (atomic replace, umask modes)."""
+    from ..checkpoint.atomic import apply_umask
+
     rep = Path(path) / "report.json"
-    if rep.is_file() and not args.no_update_report:
-        d = json.loads(rep.read_text())
-        d.setdefault("extra", {}).setdefault("zeroshot", {})
-        d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
-                                                                     for t, r in res["tasks"].items()}}
-        fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
+    if not rep.is_file():
+        return
+    d = json.loads(rep.read_text())
+    d.setdefault("extra", {}).setdefault("zeroshot", {})
+    d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
+                                                                 for t, r in res["tasks"].items()}}
+    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
+    try:
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(d, indent=2) + "\n")
+        apply_umask(Path(tmp), directory=False)
         os.replace(tmp, rep)
-    return res
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _zs_settings(res: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from ..api import configs_for, heal_checkpoint, interrupted_message, prune
 from ..heal import HealConfig
@@ -13,6 +13,8 @@ from ..methods import registry
 from ..runstate import Interrupted
 from ..settings import PRESETS
 from .common import (
+    HelpFormatter,
+    RawHelpFormatter,
     UsageError,
     add_before_after_eval_args,
     add_device_args,
@@ -39,7 +41,7 @@ def add_prune_parser(sub) -> None:
                     "to finish on the embedded model in minutes on a CPU); an explicit value always wins. "
                     "--dry-run prints every resolved setting with where it came from, the memory and time "
                     "estimates, and stops.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=RawHelpFormatter)
     add_device_args(p)
     p.add_argument("--method", required=True, help=f"one of {', '.join(registry.names())}, or a chain joined by '+'")
     p.add_argument("--sparsity", required=True,
@@ -124,7 +126,7 @@ def add_heal_parser(sub) -> None:
                        description="LoRA on the next-token loss of the whole model (peft, extra 'heal'), merged into "
                                    "the weights: a depth-pruned folder stays a stock checkpoint, a width-pruned one a "
                                    "load_pruned checkpoint. Perplexity before/after goes into report.json.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_device_args(h)
     h.add_argument("--output", required=True, help="output folder (written atomically)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -155,7 +157,7 @@ def cmd_heal(args) -> int:
 def add_export_parser(sub) -> None:
     x = sub.add_parser("export", help="write a (block-pruned / fused) LLaMA-family checkpoint as GGUF",
                        description="Export to GGUF (architecture llama) for llama.cpp-based runtimes.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     x.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
     x.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="type of the 2-D weights (norms stay f32)")
@@ -164,8 +166,15 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from ..checkpoint.atomic import check_writable
     from ..checkpoint.gguf import export_gguf
 
+    out = Path(args.gguf).expanduser()
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"{out} exists and is not a file; choose another --gguf")
+    check_writable(out.parent)
     check_model(args.model)
     model, tok = load_model(args.model, device="cpu", dtype=None)
     out = export_gguf(model, tok, args.gguf, dtype=args.dtype, overwrite=args.overwrite)

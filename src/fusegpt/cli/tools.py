@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..data import check_source
 from ..settings import PRESETS, EvalConfig
-from .common import EMBEDDED_ALIASES, UsageError, csv, settings_from
+from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, csv, settings_from
 from .evaluate import limit_of
 
 
@@ -19,16 +19,16 @@ def add_sweep_parser(sub) -> None:
                        description="Each cell is pruned from a copy of the same dense model with the same calibration "
                                    "data and saved to DIR/<method>-<sparsity>/; finished cells (report.json present) "
                                    "are skipped, so re-running resumes.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     s.add_argument("--model", default=None, help="dense model (default: the embedded SmolLM2-135M-Instruct)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="torch device")
     s.add_argument("--methods", required=True, help="comma list, e.g. shortgpt,sleb,mi,fusegpt")
     s.add_argument("--sparsity", required=True, help="comma list, e.g. 0.125,0.25,0.375")
     s.add_argument("--output", default="runs/sweep", help="sweep folder")
     s.add_argument("--calib", default=None, help="calibration source (default: each method's)")
     s.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: each method's)")
     s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: each method's)")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
     s.add_argument("--preset", default=None, choices=PRESETS, help="settings preset (default: paper on CUDA, cpu otherwise)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a setting for the methods whose config has it, repeatable")
@@ -37,7 +37,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
     s.add_argument("--tasks", default=None, help="also zero-shot tasks per cell (see fusegpt eval --tasks)")
     s.add_argument("--limit", type=float, default=None, help="zero-shot examples per task")
-    s.add_argument("--num-fewshot", type=int, default=None)
+    s.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per zero-shot task (default: the task's)")
     s.add_argument("--include-path", action="append", default=None, metavar="DIR", help="local lm-eval task YAMLs")
     s.add_argument("--no-checkpoints", action="store_true", help="keep only each cell's report.json, not its weights")
     s.add_argument("--no-plots", action="store_true", help="skip rendering the sweep's plots (needs matplotlib)")
@@ -60,9 +60,15 @@ def cmd_sweep(args) -> int:
     for src in ev.data:
         check_source(src)
     zkw = {"limit": limit_of(args.limit), "num_fewshot": args.num_fewshot, "include_path": args.include_path}
-    table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
-                      tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
-                      device=args.device)
+    try:
+        table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
+                          tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
+                          device=args.device)
+    except KeyboardInterrupt:
+        done = sorted(p.parent.name for p in Path(args.output).glob("*/report.json"))
+        print(f"fusegpt: interrupted; the {len(done)} finished cell(s) are kept in {args.output} "
+              f"({', '.join(done) or 'none yet'}); run the same command again to continue", file=sys.stderr)
+        return 130
     print((Path(args.output) / "sweep.md").read_text())
     if not args.no_plots:
         try:
@@ -82,7 +88,7 @@ def add_bench_parser(sub) -> None:
                        description="Each --model is loaded in turn and timed with warm-up and repeats (median and "
                                    "spread). Speed-ups are against the first model, next to the ideal: the ratio of "
                                    "decoder-block parameters.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     b.add_argument("--model", action="append", default=None,
                    help="a model folder / hub id / .gguf, repeatable; 'embedded' = the embedded SmolLM2 "
                         "(default: the embedded model only)")
@@ -108,19 +114,25 @@ def cmd_bench(args) -> int:
         raise UsageError("--batch-sizes and --lengths take comma lists of integers") from None
     if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1:
         raise UsageError("--repeats and --decode-tokens must be >= 1, --warmup >= 0")
+    if not batch_sizes or not lengths or min(batch_sizes) < 1 or min(lengths) < 1:
+        raise UsageError(f"--batch-sizes and --lengths take positive integers, got {args.batch_sizes!r} and "
+                         f"{args.lengths!r}")
     res = bench_models(specs, batch_sizes=batch_sizes, lengths=lengths, decode_tokens=args.decode_tokens,
                        warmup=args.warmup, repeats=args.repeats, device=args.device, threads=args.threads)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res) if args.json else format_table(res))
+    if not any(m["rows"] for m in res["models"]):
+        raise UsageError("nothing was measured: every --lengths value (plus --decode-tokens) exceeds the model's "
+                         "context; give shorter lengths")
     return 0
 
 
 # ---------------------------------------------------------------- report
 def add_report_parser(sub) -> None:
     r = sub.add_parser("report", help="render a run's report.json (or a sweep folder) to Markdown with PNG plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     r.add_argument("run_dir", help="a pruned model folder with report.json, or a sweep folder")
     r.add_argument("--output", default=None, help="Markdown file (default: RUN_DIR/report.md; PNGs beside it)")
     r.set_defaults(func=cmd_report)

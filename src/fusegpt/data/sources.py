@@ -45,10 +45,16 @@ def check_source(source: str) -> None:
 def read_local(path: Path) -> list[str]:
     """Documents of a local file: the whole ``.txt``, or each ``text`` of a ``.jsonl``."""
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        bad = text.count("\ufffd") + sum(1 for c in text[:100_000] if c < " " and c not in "\n\r\t\f")
+        if text and bad > 0.01 * min(len(text), 100_000):
+            raise DataError(f"data file {path} is not UTF-8 text ({bad} undecodable or control characters); "
+                            "give a text file")
+        return [text]
     docs = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        lines = _lines(fh, path)
+        for n, line in lines:
             if not line.strip():
                 continue
             try:
@@ -59,6 +65,14 @@ def read_local(path: Path) -> list[str]:
                 raise DataError(f"{path}:{n} has no 'text' field")
             docs.append(str(rec["text"]))
     return docs
+
+
+def _lines(fh, path: Path):
+    try:
+        yield from enumerate(fh, 1)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 .jsonl") \
+            from None
 
 
 def documents(source: str, split: str) -> list[str]:

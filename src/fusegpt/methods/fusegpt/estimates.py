@@ -4,7 +4,9 @@ Memory, per removed block (group of ``g`` blocks, fine-tuning set ``N×T_ft``, t
 ``B_ft``, LoRA rank ``r``, coefficient rank ``r_c``, ``m`` kept terms): the MI ranking's cached
 states; cached group inputs and teacher outputs ``2·N·T_ft·h·b``; trainable factors with fp32
 value, gradient and two Adam moments ``16·(g−1)·(r + m·r_c)·Σ_roles(in+out)``; fp32 effective
-weights and their gradients ``2·(g−1)·P_blk·4``; autograd activations ``(g−1)·act(B_ft, T_ft)``.
+weights and their gradients ``2·(g−1)·P_blk·4``; autograd activations
+``TRAINING_ACTIVATIONS·(g−1)·act(B_ft, T_ft)`` (saved tensors and their gradients, about twice a
+forward's).
 
 Time, per removed block: one MI ranking of the current model, the group's inputs and teacher
 outputs, the loss before and after training, and ``epochs`` passes of forward + backward
@@ -15,7 +17,7 @@ short training and a run to the last block.
 
 from __future__ import annotations
 
-from ...memory import EstimateEnv, ModelGeometry, act_bytes
+from ...memory import TRAINING_ACTIVATIONS, EstimateEnv, ModelGeometry, act_bytes
 from ...settings import blocks_to_remove
 from ...timing import BACKWARD, block_flops, seconds
 from ..block_scoring import iterative_flops, scoring_memory
@@ -35,7 +37,8 @@ def group_memory(g: ModelGeometry, cfg: GroupTrainConfig, env: EstimateEnv, fuse
             "group inputs+targets": 2 * cfg.ft_nsamples * cfg.ft_seqlen * g.hidden * env.nbytes,
             "trainable+Adam": 16 * trainable,
             "effective weights+grads": 2 * (gs - 1) * g.block_params * 4,
-            "activations": (gs - 1) * act_bytes(g, cfg.batch_size, cfg.ft_seqlen, 4, scores=env.scores),
+            "activations": int(TRAINING_ACTIVATIONS * (gs - 1)
+                               * act_bytes(g, cfg.batch_size, cfg.ft_seqlen, 4, scores=env.scores)),
         },
     }
 
