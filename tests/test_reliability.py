@@ -39,6 +39,8 @@ CASES = {
     "set_not_a_number": (lambda p, t, d: _prune(p, t, d / "o", "--set", "early_barrier=foo"), "early_barrier must be"),
     "set_fraction": (lambda p, t, d: _prune(p, t, d / "o", "--set", "early_barrier=1.5"), "early_barrier must be"),
     "set_unknown": (lambda p, t, d: _prune(p, t, d / "o", "--set", "nope=1"), "has setting(s) nope"),
+    "set_twice": (lambda p, t, d: _prune(p, t, d / "o", "--set", "nsamples=8"), "both as a flag and with --set"),
+    "set_sparsity": (lambda p, t, d: _prune(p, t, d / "o", "--set", "sparsity=0.2"), "with --sparsity"),
     "device_unknown": (lambda p, t, d: _prune(p, t, d / "o", "--device", "foo"), "unknown device"),
     "device_no_cuda": (lambda p, t, d: _prune(p, t, d / "o", "--device", "cuda"), "CUDA"),
     "eval_seqlen_context": (lambda p, t, d: ["-q", "prune", "--model", str(p), "--method", "mi", "--sparsity", "0.3",

@@ -79,10 +79,21 @@ def resume_command(argv: list[str]) -> str:
     return "fusegpt " + shlex.join(args)
 
 
+def merged_settings(args) -> dict:
+    """The flags' settings and ``--set``'s, refusing the same setting given twice."""
+    flags = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
+                 preset=args.preset)
+    extra = settings_from(args.set)
+    if "sparsity" in extra:
+        raise UsageError("give the sparsity with --sparsity, not --set sparsity=...")
+    twice = sorted(k for k, v in flags.items() if v is not None and k in extra)
+    if twice:
+        raise UsageError(f"{', '.join(twice)} given both as a flag and with --set; give it once")
+    return {**flags, **extra}
+
+
 def cmd_prune(args) -> int:
-    settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
-                    preset=args.preset, **settings_from(args.set))
-    configs = configs_for(args.method, args.sparsity, **settings)
+    configs = configs_for(args.method, args.sparsity, **merged_settings(args))
     eval_cfg = eval_config_of(args)
     check_model(args.model)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data import check_source
 from ..settings import PRESETS, EvalConfig
-from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, csv, settings_from
+from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, csv
 from .evaluate import limit_of
 
 
@@ -54,8 +54,9 @@ def cmd_sweep(args) -> int:
     methods = csv(args.methods)
     if not methods or not sparsities:
         raise UsageError("give at least one method and one sparsity")
-    settings = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
-                    preset=args.preset, **settings_from(args.set))
+    from .prune import merged_settings
+
+    settings = merged_settings(args)
     ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
     for src in ev.data:
         check_source(src)
