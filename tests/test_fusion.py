@@ -360,3 +360,22 @@ def test_cli_prune_fusegpt_and_resume(tiny_checkpoint, tmp_path, monkeypatch, ca
     report = json.loads((out / "report.json").read_text())
     assert len(report["removed"]) == 2 and report["steps"][0]["config"]["preset"] == "cpu"
     assert load_stock(out, "llama").config.num_hidden_layers == 4
+
+
+def test_restart_lora_keeps_the_function():
+    torch.manual_seed(0)
+    fl = FusedLinear(torch.randn(6, 5), torch.randn(6), lora_rank=2)
+    with torch.no_grad():
+        fl.lora_B.normal_()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        before = fl(x)
+        fl.restart_lora()
+        after = fl(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(fl.lora_B) == 0 and fl.lora_A.abs().sum() > 0
+
+
+def test_lora_restart_runs_end_to_end(text_file):
+    model, report = _run(tiny_model("llama"), text_file, lora_restart=True)
+    assert len(report.removed) == 2 and report.steps[0].config["lora_restart"] is True

@@ -135,6 +135,20 @@ class FusedLinear(nn.Module):
         self._cache = None
         return n
 
+    @torch.no_grad()
+    def restart_lora(self) -> None:
+        """Fold the trained LoRA pair into the own (frozen) weight and start a fresh one (A kaiming,
+        B zero): the layer computes the same function, and the next training starts its adapter at
+        zero instead of continuing a trained one with a fresh optimizer."""
+        if self.lora_A is None:
+            return
+        w = self.weight.float() + self.lora_B.float() @ self.lora_A.float()
+        self.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=False)
+        r, dev = self.lora_A.shape[0], self.weight.device
+        self.lora_A = nn.Parameter(_kaiming((r, self.in_features)).to(dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
+        self._cache = None
+
     # ------------------------------------------------------------------ maths
     def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """``(lora, coefficients)``: the LoRA pair, and every C, D, c of the terms."""

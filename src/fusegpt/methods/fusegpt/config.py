@@ -54,13 +54,18 @@ class GroupTrainConfig(BlockPruneConfig):
     ``--fuse-eval``: the ``trial_candidates`` lowest-MI blocks are each fused into their group and
     trained for ``trial_epochs`` at rank ``trial_rank``; the one whose fused model's last hidden
     state stays closest to the current model's (1 − cos, as MI) is removed).
+
+    ``lora_restart``: before a group trains, fold the LoRA pairs its layers kept from earlier groups
+    into their frozen weights and start fresh ones (B = 0), instead of continuing trained adapters
+    with a fresh optimizer (measured in benchmarks/RESULTS.md §7).
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"mi_batch_size": 1, "train_norms": True, "max_retries": 2,
                                           "retry_lr_factor": 0.1, "amp_dtype": "auto", "revert_if_worse": False,
                                           "training": "stable", "warmup": 0.1, "clip_grad": 1.0, "val_nsamples": 8,
                                           "keep_best": True, "selection": "mi", "trial_candidates": 4,
-                                          "trial_epochs": 1, "trial_rank": 8}
+                                          "trial_epochs": 1, "trial_rank": 8,
+                                          "lora_restart": False}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = GROUP_TRAIN_PRESETS
 
     group_size: int | None = None
@@ -86,6 +91,7 @@ class GroupTrainConfig(BlockPruneConfig):
     trial_candidates: int | None = None
     trial_epochs: int | None = None
     trial_rank: int | None = None
+    lora_restart: bool | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -106,6 +112,7 @@ class GroupTrainConfig(BlockPruneConfig):
         check_float("clip_grad", self.clip_grad)
         check_int("val_nsamples", self.val_nsamples, 0)
         check_bool("keep_best", self.keep_best)
+        check_bool("lora_restart", self.lora_restart)
         check_choice("selection", self.selection, SELECTIONS)
         for name in ("trial_candidates", "trial_epochs", "trial_rank"):
             check_int(name, getattr(self, name))

@@ -108,6 +108,8 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupT
     for j in student:
         block = adapter.layers[j]
         for role, lin in adapter.linear_roles(block).items():
+            if cfg.lora_restart and isinstance(lin, FusedLinear):
+                lin.restart_lora()
             fl = FusedLinear.from_linear(lin, cfg.lora_rank)
             if fuse:
                 w, b = p_weights[role]
