@@ -45,12 +45,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(JOBS))
     ap.add_argument("--out", default="benchmarks/out/memory_estimate.json")
+    ap.add_argument("--peaks", default=None, metavar="JSON",
+                    help="reuse the measured peaks of an earlier --out (recompute only the estimates)")
     args = ap.parse_args()
     from fusegpt import EvalConfig, configs_for, estimate_memory
     from fusegpt.cli.common import settings_from
     from fusegpt.loading import model_config
 
     config = model_config(None)
+    measured = {r["method"]: r["peak_mb"] for r in json.loads(Path(args.peaks).read_text())["rows"]} \
+        if args.peaks else {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods.split(","):
@@ -58,7 +62,7 @@ def main() -> None:
             settings = settings_from([extra[i + 1] for i in range(0, len(extra), 2)])
             cfgs = configs_for(m, 0.1, nsamples=4, seqlen=128, **settings)
             est = estimate_memory(config, cfgs, eval_config=EvalConfig(seqlen=512, max_tokens=4096))
-            _, peak = run(m, extra, Path(tmp) / m)
+            peak = measured[m] if m in measured else run(m, extra, Path(tmp) / m)[1]
             rows.append({"method": m, "estimate_mb": round(est.total / 1e6), "peak_mb": round(peak),
                          "peak_step": est.peak_step, "bound": est.total / 1e6 >= peak})
             print(json.dumps(rows[-1]), flush=True)

@@ -42,7 +42,7 @@ def test_weights_and_scaling():
     assert fuse.peak_step == "fusegpt group training"
     chain = estimate_memory(config, [config_for("mi", sparsity=0.1), config_for("fusegpt", sparsity=0.1)],
                             eval_config=EvalConfig(seqlen=64))
-    assert set(chain.steps) == {"mi", "fusegpt MI ranking", "fusegpt group training", "perplexity"}
+    assert set(chain.steps) == {"mi", "fusegpt MI ranking", "fusegpt group training", "perplexity", "save"}
     assert chain.total == chain.runtime + chain.weights + max(sum(p.values()) for p in chain.steps.values())
 
 

@@ -135,7 +135,7 @@ def test_estimates_come_from_the_records():
 
     config = tiny_config("llama")
     est = estimate_memory(config, configs_for("mi+slimgpt", "0.2,0.4"))
-    assert set(est.steps) == {"mi", "slimgpt"}
+    assert set(est.steps) == {"mi", "slimgpt", "save"}
     secs = estimate_seconds(config, configs_for("fusegpt", 0.2, epochs=2))
     secs4 = estimate_seconds(config, configs_for("fusegpt", 0.2, epochs=4))
     assert secs4["0-fusegpt"] > secs["0-fusegpt"] > 0

@@ -174,8 +174,8 @@ def plot_fusion(step: dict[str, Any], path: Path) -> Path:
     if all(y > 0 for g in groups for y in [*g["loss_per_epoch"], *(g.get("val_loss_per_epoch") or [])]):
         ax.set_yscale("log")
     validated = any(g.get("val_loss_per_epoch") for g in groups)
-    ax.set_title(f"{step['method']}: group loss per epoch (solid: training"
-                 + ("; dashed: validation, ring: epoch kept)" if validated else ")"), fontsize=9)
+    ax.set_title(f"{step['method']}: group loss per epoch\n(solid: training"
+                 + ("; dashed: held-in validation; ring: the epoch kept)" if validated else ")"), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
