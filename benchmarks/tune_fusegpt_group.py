@@ -47,7 +47,7 @@ VARIANTS = {
     "fuse 80 steps": ("fusegpt", {"epochs": 20}),
     "ft 48 steps": ("mi+ft", {"epochs": 12}),
     "ft 80 steps": ("mi+ft", {"epochs": 20}),
-    "fuse training=paper (no warm-up, no clipping)": ("fusegpt", {"training": "paper"}),
+    "fuse training=paper (no warm-up or clipping)": ("fusegpt", {"training": "paper"}),
     "fuse no clipping": ("fusegpt", {"clip_grad": 0.0}),
     "fuse clip 10": ("fusegpt", {"clip_grad": 10.0}),
     "fuse no warm-up": ("fusegpt", {"warmup": 0.0}),
