@@ -233,9 +233,33 @@ def test_sweep_reruns_cells_whose_settings_changed(tiny_checkpoint, tmp_path, ca
 def test_memory_guard_stops_a_run_over_budget():
     import time
 
+    import torch
+
     from fusegpt.utils import MemoryBudgetExceeded, MemoryGuard
 
     with pytest.raises(MemoryBudgetExceeded, match="over the --max-memory budget"):
         with MemoryGuard(1, interval=0.01):
             for _ in range(500):
                 time.sleep(0.01)
+    # only the run's own growth counts on top of the baseline: a large process is not stopped for
+    # memory it held before, and an allocation that pushes the run over the budget is
+    with MemoryGuard(300 * 2**20, interval=0.01, baseline_bytes=100 * 2**20):
+        time.sleep(0.1)
+    with pytest.raises(MemoryBudgetExceeded):
+        with MemoryGuard(300 * 2**20, interval=0.01, baseline_bytes=100 * 2**20):
+            big = torch.ones(300 * 2**20 // 4)
+            for _ in range(300):
+                time.sleep(0.01)
+            del big
+
+
+def test_memory_guard_interrupt_as_the_work_ends_is_not_a_keyboard_interrupt():
+    import _thread
+
+    from fusegpt.utils import MemoryBudgetExceeded, MemoryGuard
+
+    g = MemoryGuard(10**15, interval=0.01)
+    with pytest.raises(MemoryBudgetExceeded):
+        with g:
+            g.tripped_mb = 1.0  # as if the watcher tripped right at the end of the work
+            _thread.interrupt_main()

@@ -366,7 +366,8 @@ def prune(
     state_root = state_root_for(out) if resumable else None
     budget = plan.placement.max_memory
     guard = contextlib.nullcontext() if budget is None else \
-        MemoryGuard(parse_size(budget) if isinstance(budget, str) else int(budget), plan.placement.device)
+        MemoryGuard(parse_size(budget) if isinstance(budget, str) else int(budget), plan.placement.device,
+                    baseline_bytes=plan.memory.runtime + plan.memory.weights)
     try:
         with guard:
             model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,

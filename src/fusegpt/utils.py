@@ -77,19 +77,32 @@ class MemoryBudgetExceeded(MemoryError):
 
 class MemoryGuard:
     """Stop the main thread (KeyboardInterrupt, turned into :class:`MemoryBudgetExceeded` on exit)
-    when the process RSS, or the CUDA allocator on a GPU, crosses ``limit_bytes``."""
+    when the run's memory crosses ``limit_bytes``.
 
-    def __init__(self, limit_bytes: int, device: torch.device | str = "cpu", interval: float = 0.1):
+    The run's memory is what the process (RSS, or the CUDA allocator on a GPU) holds beyond what it
+    held when the guard started, plus ``baseline_bytes`` (what the estimate counts as resident
+    before the work: runtime and weights). So memory that a notebook or a test process held before
+    the run does not count against the run; without ``baseline_bytes`` the whole process counts.
+    """
+
+    def __init__(self, limit_bytes: int, device: torch.device | str = "cpu", interval: float = 0.1,
+                 baseline_bytes: int | None = None):
         self.limit_mb = limit_bytes / 2**20
         self.device = torch.device(device)
         self.interval = interval
+        self.baseline_mb = None if baseline_bytes is None else baseline_bytes / 2**20
         self.tripped_mb: float | None = None
         self._stop = threading.Event()
+        self._start_mb = 0.0
 
-    def _used_mb(self) -> float:
+    def _raw_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
         return _rss_mb()
+
+    def _used_mb(self) -> float:
+        raw = self._raw_mb()
+        return raw if self.baseline_mb is None else raw - self._start_mb + self.baseline_mb
 
     def _watch(self) -> None:
         import _thread
@@ -103,18 +116,20 @@ class MemoryGuard:
             time.sleep(self.interval)
 
     def __enter__(self) -> MemoryGuard:
+        self._start_mb = self._raw_mb()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
-        self._thread.join()
-        if self.tripped_mb is not None and exc_type is None:
-            try:  # the interrupt may still be pending (it tripped as the work ended): take it here
-                time.sleep(0.05)
-            except KeyboardInterrupt:
-                pass
+        try:
+            self._thread.join()
+            if self.tripped_mb is not None and exc_type is None:
+                time.sleep(0.05)  # an interrupt sent as the work ended lands here, not after the guard
+        except KeyboardInterrupt:
+            if self.tripped_mb is None:
+                raise
         if self.tripped_mb is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
             raise MemoryBudgetExceeded(
                 f"stopped: the run used {self.tripped_mb:,.0f} MiB, over the --max-memory budget of "
