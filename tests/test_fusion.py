@@ -185,7 +185,8 @@ def test_cli_resume_keeps_state_beside_the_output(tmp_path):
     root = state_root_for(tmp_path / "x")
     assert root == tmp_path / "x.state"
     ctx = RunContext(adapter=None, tokenizer=None, state_root=root, resume=True, step_index=1)
-    assert ctx.state_dir("fusegpt") == root / "1-fusegpt" and ctx.used_state_dirs == [root / "1-fusegpt"]
+    assert ctx.state_dir("fusegpt") == root / "1-fusegpt"
+    assert RunContext(adapter=None, tokenizer=None).state_dir("fusegpt") is None
 
 
 # ---------------------------------------------------------------- end to end on tiny models

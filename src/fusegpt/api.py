@@ -34,9 +34,9 @@ from .memory import (
     EstimateEnv,
     MemoryEstimate,
     ModelGeometry,
+    budget_bytes,
     check_budget,
     format_size,
-    parse_size,
     perplexity_parts,
 )
 from .methods import method_of, parse_chain
@@ -50,8 +50,6 @@ from .timing import format_duration, measure_flops, perplexity_seconds
 from .utils import MemoryGuard, PeakMemory, count_params, seed_everything
 
 logger = logging.getLogger(__name__)
-
-COMMON_SETTINGS = ("preset", "calib_source", "nsamples", "seqlen", "seed")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -166,7 +164,7 @@ def estimate_memory(model_or_config, configs, dtype: torch.dtype | None = None, 
 def estimate_seconds(model_or_config, configs, device: str = "cpu", eval_config: EvalConfig | None = None,
                      dtype: torch.dtype | None = None) -> dict[str, float]:
     """Rough seconds per step (and for evaluation before and after), from the device's measured rate."""
-    g = model_or_config if isinstance(model_or_config, ModelGeometry) else ModelGeometry.of(model_or_config)
+    g = ModelGeometry.of(model_or_config)
     env = _env(device, dtype, offload=False)
     out: dict[str, float] = {}
     n = g.n_layers
@@ -189,7 +187,7 @@ def plan_offload(model_or_config, configs, budget: int | str, device: str = "cpu
     resident when it fits, and goes layer-wise (blocks on disk) when only that fits; when neither
     fits, the error gives both figures.
     """
-    limit = parse_size(budget) if isinstance(budget, str) else int(budget)
+    limit = budget_bytes(budget)
     layerwise = estimate_memory(model_or_config, configs, dtype, device, eval_config, offload=True)
     if offload is None:
         resident = estimate_memory(model_or_config, configs, dtype, device, eval_config)
@@ -271,11 +269,6 @@ class RunPlan:
         lines.append(f"time: about {format_duration(self.total_seconds)} ({steps}); a rough estimate")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "steps": [c.to_dict() for c in self.configs],
-                "memory_bytes": self.memory.total, "memory": self.memory.describe(),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-
 
 def plan_run(model_spec: str | None, configs, placement: Placement | None = None,
              eval_config: EvalConfig | None = None, model_name: str | None = None) -> RunPlan:
@@ -284,23 +277,27 @@ def plan_run(model_spec: str | None, configs, placement: Placement | None = None
     configs = as_configs(configs)
     for src in eval_config.data if eval_config else ():
         check_source(src)
-    config = model_config(model_spec)
-    g = ModelGeometry.of(config)
-    kind = torch.device(placement.device).type
-    resolved = resolve_configs(configs, kind)
+    g = ModelGeometry.of(model_config(model_spec))  # built once: every estimate below reuses it
+    resolved = resolve_configs(configs, torch.device(placement.device).type)
     check_plan(g, resolved, eval_config)
     if placement.max_memory is not None:
         try:
-            offload = plan_offload(config, resolved, placement.max_memory, placement.device, eval_config,
+            offload = plan_offload(g, resolved, placement.max_memory, placement.device, eval_config,
                                    offload=placement.offload, dtype=placement.dtype)
         except MemoryError as e:
             raise ConfigError(str(e)) from None
         placement = replace(placement, offload=offload)
-    memory = estimate_memory(config, resolved, placement.dtype, placement.device, eval_config,
+    return _plan(g, resolved, placement, eval_config, model_name or model_spec or "embedded:SmolLM2-135M-Instruct")
+
+
+def _plan(g: ModelGeometry, resolved: list[PruneConfig], placement: Placement, eval_config: EvalConfig | None,
+          name: str) -> RunPlan:
+    """The checked run's memory and time estimates, as a :class:`RunPlan`."""
+    memory = estimate_memory(g, resolved, placement.dtype, placement.device, eval_config,
                              offload=placement.offload is not None)
     seconds = estimate_seconds(g, resolved, placement.device, eval_config, placement.dtype)
-    return RunPlan(model=model_name or model_spec or "embedded:SmolLM2-135M-Instruct", configs=resolved,
-                   placement=placement, memory=memory, seconds=seconds, eval_config=eval_config)
+    return RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
+                   eval_config=eval_config)
 
 
 # ---------------------------------------------------------------------------- run
@@ -359,14 +356,13 @@ def prune(
         p = plan.placement
         model, tokenizer = load_model(model_spec, dtype=p.dtype, device=p.device, offload=p.offload,
                                       offload_folder=p.offload_folder, device_map=p.device_map)
-    check_plan(model, plan.configs)
     for c in plan.configs:  # tokenizes and checks each text is long enough, before long work
         calibration_windows(tokenizer, c.calib_source, c.nsamples, c.seqlen, c.seed)
     resumable = any(method_of(c).resumable for c in plan.configs)
     state_root = state_root_for(out) if resumable else None
     budget = plan.placement.max_memory
     guard = contextlib.nullcontext() if budget is None else \
-        MemoryGuard(parse_size(budget) if isinstance(budget, str) else int(budget), plan.placement.device,
+        MemoryGuard(budget_bytes(budget), plan.placement.device,
                     baseline_bytes=plan.memory.runtime + plan.memory.weights)
     try:
         with guard:
@@ -388,10 +384,7 @@ def prune(
         logger.warning("--resume: %s keep no run state; this run started from the beginning",
                        "+".join(c.method for c in plan.configs))
     try:
-        if save_model:
-            save_pruned(model, tokenizer, out, report, overwrite=overwrite, protect=protect)
-        else:
-            atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), overwrite=overwrite, protect=protect)
+        _write_output(out, model, tokenizer, report, save_model, overwrite=overwrite, protect=protect)
     except OSError as e:
         raise OSError(f"could not save to {out} ({e}); {_rescue(model, tokenizer, report, save_model)}") from e
     clear_state(state_root)
@@ -401,31 +394,34 @@ def prune(
     return PruneResult(plan=plan, report=report, output=out, extra={"model": model})
 
 
+def _write_output(out: Path, model: nn.Module, tokenizer, report: Report, save_model: bool, **kw) -> None:
+    """The checkpoint with its report (atomically), or the report alone."""
+    if save_model:
+        save_pruned(model, tokenizer, out, report, **kw)
+    else:
+        atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), **kw)
+
+
 def _rescue(model: nn.Module, tokenizer, report: Report, save_model: bool) -> str:
     """After a failed save, keep the pruned model in a fresh temporary folder; say where (or that it could not)."""
     import tempfile
 
     try:
         spare = Path(tempfile.mkdtemp(prefix="fusegpt-rescued-")) / "output"
-        if save_model:
-            save_pruned(model, tokenizer, spare, report)
-        else:
-            atomic_write_dir(spare, lambda tmp: report.save(tmp / "report.json"))
+        _write_output(spare, model, tokenizer, report, save_model)
         return f"the pruned model was saved to {spare} instead; move it where you want it"
     except Exception as e:  # noqa: BLE001 - the original error is what the user must see
         return f"saving it to a temporary folder failed as well ({e}); nothing was kept"
 
 
 def _plan_loaded(model: nn.Module, configs, placement: Placement, eval_config, name: str) -> RunPlan:
-    kind = get_adapter(model).device.type
-    resolved = resolve_configs(configs, kind)
+    """:func:`plan_run` for a model already loaded (its own device and offload)."""
+    device = get_adapter(model).device
+    resolved = resolve_configs(configs, device.type)
     check_plan(model, resolved, eval_config)
-    placement = replace(placement, device=str(get_adapter(model).device))
-    memory = estimate_memory(model, resolved, None, placement.device, eval_config,
-                             offload=offloader_of(model) is not None)
-    seconds = estimate_seconds(model, resolved, placement.device, eval_config)
-    return RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
-                   eval_config=eval_config)
+    placement = replace(placement, device=str(device), dtype=None,
+                        offload=getattr(offloader_of(model), "storage", None))
+    return _plan(ModelGeometry.of(model), resolved, placement, eval_config, name)
 
 
 def compress(

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import calibration_windows, check_source
+from .fusion.group_training import lr_factor
 from .offload import offloader_of
 from .settings import Settings, check, check_float, check_int
 
@@ -131,9 +132,8 @@ def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple
         run = []
         for b in range(steps_per_epoch):
             ids = windows[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]].to(dev)
-            factor = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * factor
+                g["lr"] = cfg.lr * lr_factor(step, total, warm)
             logits = pm(ids).logits.float()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             if not torch.isfinite(loss):

@@ -120,7 +120,10 @@ class ModelGeometry:
 
     @classmethod
     def of(cls, model_or_config) -> ModelGeometry:
-        """From a loaded model, or from a config (a meta-device copy counts parameters; nothing is allocated)."""
+        """From a loaded model, or from a config (a meta-device copy counts parameters; nothing is
+        allocated); a geometry is returned as is."""
+        if isinstance(model_or_config, ModelGeometry):
+            return model_or_config
         model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
         a = get_adapter(model)
         block = a.layers[0]
@@ -186,9 +189,14 @@ def perplexity_parts(g: ModelGeometry, eval_config, env: EstimateEnv) -> dict[st
             "activations": act_bytes(g, bs, t, env.nbytes, scores=env.scores)}
 
 
+def budget_bytes(budget: int | str) -> int:
+    """A memory budget in bytes: a size text (``"24GB"``, :func:`parse_size`) or a number of bytes."""
+    return parse_size(budget) if isinstance(budget, str) else int(budget)
+
+
 def check_budget(estimate: MemoryEstimate, budget: int | str) -> None:
     """Raise ``MemoryError`` with the figure needed when ``estimate`` exceeds ``budget``."""
-    limit = parse_size(budget) if isinstance(budget, str) else int(budget)
+    limit = budget_bytes(budget)
     if estimate.total > limit:
         raise MemoryError(
             f"this run needs about {estimate.describe()}, more than the budget of {format_size(limit)}; "

@@ -13,7 +13,7 @@ The state folders are removed once the output is saved; after an interruption th
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .models import DecoderAdapter
@@ -26,28 +26,23 @@ class RunContext:
     adapter: DecoderAdapter
     tokenizer: object
     start_decoder_params: int = 0
-    start_layers: int = 0
     state_root: Path | None = None
     resume: bool = False
     step_index: int = 0
-    used_state_dirs: list[Path] = field(default_factory=list)
 
     @classmethod
     def start(cls, adapter: DecoderAdapter, tokenizer, state_root: str | Path | None = None,
               resume: bool = False) -> RunContext:
         return cls(adapter=adapter, tokenizer=tokenizer,
                    start_decoder_params=sum(p.numel() for p in adapter.layers.parameters()),
-                   start_layers=adapter.num_layers,
                    state_root=Path(state_root) if state_root is not None else None, resume=resume)
 
     def state_dir(self, method: str) -> Path | None:
-        """This step's state folder (None when the run keeps no state); remembered for cleanup."""
+        """This step's state folder (None when the run keeps no state; the whole root is removed
+        once the output is saved)."""
         if self.state_root is None:
             return None
-        d = self.state_root / f"{self.step_index}-{method}"
-        if d not in self.used_state_dirs:
-            self.used_state_dirs.append(d)
-        return d
+        return self.state_root / f"{self.step_index}-{method}"
 
 
 def state_root_for(output: str | Path) -> Path:

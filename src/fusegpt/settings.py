@@ -160,6 +160,15 @@ class Settings:
             raise ConfigError(f"{type(self).__name__} is not resolved; call .resolve(device_type) first "
                               "(compress/prune do this)")
 
+    def adjusted(self, why: str, **kw: Any):
+        """A resolved copy with some values changed for an internal purpose (e.g. a short trial);
+        their origin becomes ``why``. Validated like any config."""
+        self.require_resolved()
+        out = replace(self, **kw)
+        out.validate_resolved()
+        out.__dict__["_origins"] = {**self.origins, **{k: why for k in kw}}
+        return out
+
     def with_overrides(self, **kw: Any):
         """A copy with the given fields replaced (``None`` values are ignored); validates again.
 

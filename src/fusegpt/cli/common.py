@@ -136,3 +136,29 @@ def eval_config_of(args):
     from ..settings import EvalConfig
 
     return None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+
+
+def add_settings_args(p: argparse.ArgumentParser, set_help: str) -> None:
+    """The settings every method has (preset, calibration, seed) as flags, and ``--set`` for the rest."""
+    from ..settings import PRESETS
+
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="settings preset for every method (default: paper on CUDA, cpu otherwise)")
+    p.add_argument("--calib", default=None, help="calibration source (default: the method's: wiki, news for slimgpt)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
+def merged_settings(args) -> dict:
+    """The flags' settings and ``--set``'s, refusing the same setting given twice."""
+    flags = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
+                 preset=args.preset)
+    extra = settings_from(args.set)
+    if "sparsity" in extra:
+        raise UsageError("give the sparsity with --sparsity, not --set sparsity=...")
+    twice = sorted(k for k, v in flags.items() if v is not None and k in extra)
+    if twice:
+        raise UsageError(f"{', '.join(twice)} given both as a flag and with --set; give it once")
+    return {**flags, **extra}

@@ -18,8 +18,10 @@ from .common import (
     UsageError,
     add_before_after_eval_args,
     add_device_args,
+    add_settings_args,
     check_model,
     eval_config_of,
+    merged_settings,
     placement_of,
     print_table,
     settings_from,
@@ -47,14 +49,7 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--sparsity", required=True,
                    help="fraction in (0,1): of blocks for depth methods, of decoder parameters for width methods; "
                         "one value per chained method, comma-separated")
-    p.add_argument("--preset", default=None, choices=PRESETS,
-                   help="settings preset for every step (default: paper on CUDA, cpu otherwise)")
-    p.add_argument("--calib", default=None, help="calibration source (default: the method's: wiki, news for slimgpt)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default: the preset's)")
-    p.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any other setting of a method in the chain, repeatable (see --dry-run for the names)")
+    add_settings_args(p, "any other setting of a method in the chain, repeatable (see --dry-run for the names)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved settings with their origin, the memory and time estimates; load nothing")
     p.add_argument("--resume", action="store_true",
@@ -77,19 +72,6 @@ def resume_command(argv: list[str]) -> str:
     if "--resume" not in args:
         args.append("--resume")
     return "fusegpt " + shlex.join(args)
-
-
-def merged_settings(args) -> dict:
-    """The flags' settings and ``--set``'s, refusing the same setting given twice."""
-    flags = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib_source=args.calib,
-                 preset=args.preset)
-    extra = settings_from(args.set)
-    if "sparsity" in extra:
-        raise UsageError("give the sparsity with --sparsity, not --set sparsity=...")
-    twice = sorted(k for k, v in flags.items() if v is not None and k in extra)
-    if twice:
-        raise UsageError(f"{', '.join(twice)} given both as a flag and with --set; give it once")
-    return {**flags, **extra}
 
 
 def cmd_prune(args) -> int:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..data import check_source
-from ..settings import PRESETS, EvalConfig
-from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, csv
+from ..settings import EvalConfig
+from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, add_settings_args, csv, merged_settings
 from .evaluate import limit_of
 
 
@@ -25,13 +25,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--methods", required=True, help="comma list, e.g. shortgpt,sleb,mi,fusegpt")
     s.add_argument("--sparsity", required=True, help="comma list, e.g. 0.125,0.25,0.375")
     s.add_argument("--output", default="runs/sweep", help="sweep folder")
-    s.add_argument("--calib", default=None, help="calibration source (default: each method's)")
-    s.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: each method's)")
-    s.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: each method's)")
-    s.add_argument("--seed", type=int, default=None, help="seed for calibration sampling and training (default 0)")
-    s.add_argument("--preset", default=None, choices=PRESETS, help="settings preset (default: paper on CUDA, cpu otherwise)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a setting for the methods whose config has it, repeatable")
+    add_settings_args(s, "a setting for the methods whose config has it, repeatable")
     s.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources")
     s.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     s.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
@@ -54,8 +48,6 @@ def cmd_sweep(args) -> int:
     methods = csv(args.methods)
     if not methods or not sparsities:
         raise UsageError("give at least one method and one sparsity")
-    from .prune import merged_settings
-
     settings = merged_settings(args)
     ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
     for src in ev.data:

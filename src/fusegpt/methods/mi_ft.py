@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..settings import check_float
+from .fusegpt import group_method
 from .fusegpt.config import GroupTrainConfig
-from .fusegpt.estimates import group_memory, group_seconds
-from .fusegpt.loop import run_group_pruning
-from .registry import Method, register
+from .registry import register
 
 
 @dataclass
@@ -27,12 +26,5 @@ class MIFTConfig(GroupTrainConfig):
         check_float("lr", self.lr)
 
 
-register(Method(
-    name="mi+ft",
-    config_cls=MIFTConfig,
-    run=lambda ctx, cfg, step: run_group_pruning(ctx, cfg, step, fuse=False),
-    estimate_memory=lambda g, cfg, env: group_memory(g, cfg, env, fuse=False),
-    estimate_time=lambda g, cfg, env: group_seconds(g, cfg, env, fuse=False),
-    summary="MI + FT: FuseGPT's loop without fusion (drop, then fine-tune the group's LoRA and norms)",
-    resumable=True,
-))
+register(group_method("mi+ft", MIFTConfig, fuse=False, summary="MI + FT: FuseGPT's loop without fusion (drop, "
+                      "then fine-tune the group's LoRA and norms)"))

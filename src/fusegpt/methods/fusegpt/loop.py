@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -67,12 +66,24 @@ def _amp_dtype(adapter: DecoderAdapter, setting: str) -> torch.dtype | None:
     return adapter.dtype if adapter.dtype in (torch.bfloat16, torch.float16) else None
 
 
-@torch.no_grad()
 def _states_entering(adapter: DecoderAdapter, ids: torch.Tensor, start: int, batch_size: int) -> torch.Tensor:
     """Hidden states entering block ``start`` of the current model, for all of ``ids`` (no grad)."""
-    chunks = [adapter.embed(chunk.to(adapter.device)) for chunk in ids.split(batch_size)]
-    outs = adapter.run_layerwise(chunks, adapter.contexts(chunks), 0, start)
-    return torch.cat([h.to(adapter.device) for h in outs])
+    return _states_at(adapter, ids, {start}, batch_size)[start]
+
+
+@torch.no_grad()
+def _states_at(adapter: DecoderAdapter, ids: torch.Tensor, indices: set[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """States entering blocks ``indices`` (``num_layers`` = the last block's output) for all of
+    ``ids``, in one block-outer pass that stops at the deepest index (no grad)."""
+    chunks = [adapter.embed(c.to(adapter.device)) for c in ids.split(batch_size)]
+    ctxs = adapter.contexts(chunks)
+    out = {}
+    for i in range(max(indices) + 1):
+        if i in indices:
+            out[i] = torch.cat([h.to(adapter.device) for h in chunks])
+        if i < max(indices):
+            chunks = adapter.run_layerwise(chunks, ctxs, i, i + 1)
+    return out
 
 
 @torch.no_grad()
@@ -208,19 +219,6 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
     return info
 
 
-@torch.no_grad()
-def _states_at(adapter: DecoderAdapter, ids: torch.Tensor, indices: set[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """States entering blocks ``indices`` (``num_layers`` = the last block's output), one pass, block-outer."""
-    chunks = [adapter.embed(c.to(adapter.device)) for c in ids.split(batch_size)]
-    ctxs = adapter.contexts(chunks)
-    out = {}
-    for i in range(adapter.num_layers + 1):
-        if i in indices:
-            out[i] = torch.cat(chunks)
-        if i == adapter.num_layers or i >= max(indices):
-            break
-        chunks = adapter.run_layerwise(chunks, ctxs, i, i + 1)
-    return out
 
 
 @torch.no_grad()
@@ -256,9 +254,8 @@ def fuse_trial(adapter: DecoderAdapter, scores: torch.Tensor, calib: torch.Tenso
     bs = cfg.batch_size
     ft_states = _states_at(adapter, ft, {g[0] for g in groups.values()} | {g[-1] + 1 for g in groups.values()}, bs)
     cal_states = _states_at(adapter, calib, {g[0] for g in groups.values()} | {n}, cfg.mi_batch_size)
-    trial_cfg = replace(cfg, epochs=cfg.trial_epochs, lora_rank=cfg.trial_rank, val_nsamples=0, keep_best=False,
-                        revert_if_worse=False, **({"coef_rank": cfg.trial_rank} if fuse else {}))
-    trial_cfg.__dict__["_origins"] = cfg.origins
+    trial_cfg = cfg.adjusted("fuse-trial", epochs=cfg.trial_epochs, lora_rank=cfg.trial_rank, val_nsamples=0,
+                             keep_best=False, revert_if_worse=False, **({"coef_rank": cfg.trial_rank} if fuse else {}))
     origin = adapter.origin
     out: dict[str, float] = {}
     for c in tqdm(cands, desc=f"fuse-trial {it + 1}", leave=False, unit="cand"):
