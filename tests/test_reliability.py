@@ -253,6 +253,30 @@ def test_memory_guard_stops_a_run_over_budget():
             del big
 
 
+def test_memory_guard_tripping_while_it_starts_is_not_a_keyboard_interrupt(monkeypatch):
+    """A budget crossed before __enter__ returns (the watcher trips while Thread.start() waits) is a
+    budget error, never a bare KeyboardInterrupt."""
+    import _thread
+    import threading
+
+    from fusegpt.utils import MemoryBudgetExceeded, MemoryGuard
+
+    real_start = threading.Thread.start
+
+    def start_and_trip(self):
+        real_start(self)
+        g.tripped_mb = 1.0
+        _thread.interrupt_main()
+        for _ in range(100):  # the interrupt lands inside start(), as it did in CI
+            pass
+
+    g = MemoryGuard(10**15, interval=0.01)
+    monkeypatch.setattr(threading.Thread, "start", start_and_trip)
+    with pytest.raises(MemoryBudgetExceeded):
+        with g:
+            pass
+
+
 def test_memory_guard_interrupt_as_the_work_ends_is_not_a_keyboard_interrupt():
     import _thread
 

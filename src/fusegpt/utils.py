@@ -115,10 +115,23 @@ class MemoryGuard:
                 return
             time.sleep(self.interval)
 
+    def _exceeded(self) -> MemoryBudgetExceeded:
+        return MemoryBudgetExceeded(
+            f"stopped: the run used {self.tripped_mb:,.0f} MiB, over the --max-memory budget of "
+            f"{self.limit_mb:,.0f} MiB; lower nsamples/seqlen/batch sizes, group_size or max_terms, use "
+            "--offload disk, or raise --max-memory")
+
     def __enter__(self) -> MemoryGuard:
         self._start_mb = self._raw_mb()
         self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        try:  # the watcher may trip before start() returns: that interrupt lands here, not in the caller
+            self._thread.start()
+        except KeyboardInterrupt:
+            if self.tripped_mb is None:
+                raise
+            self._stop.set()
+            self._thread.join()
+            raise self._exceeded() from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -131,10 +144,7 @@ class MemoryGuard:
             if self.tripped_mb is None:
                 raise
         if self.tripped_mb is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
-            raise MemoryBudgetExceeded(
-                f"stopped: the run used {self.tripped_mb:,.0f} MiB, over the --max-memory budget of "
-                f"{self.limit_mb:,.0f} MiB; lower nsamples/seqlen/batch sizes, group_size or max_terms, use "
-                "--offload disk, or raise --max-memory") from None
+            raise self._exceeded() from None
         return False
 
 
