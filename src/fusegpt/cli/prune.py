@@ -148,19 +148,30 @@ def cmd_heal(args) -> int:
 
 
 def add_export_parser(sub) -> None:
-    x = sub.add_parser("export", help="write a (block-pruned / fused) LLaMA-family checkpoint as GGUF",
-                       description="Export to GGUF (architecture llama) for llama.cpp-based runtimes.",
+    from ..checkpoint.gguf.quant import DTYPES
+
+    x = sub.add_parser("export", help="write a pruned LLaMA-family / Qwen2 checkpoint as GGUF for llama.cpp",
+                       description="Export to GGUF for llama.cpp and its front ends (Ollama, LM Studio, "
+                       "llama-cpp-python). Depth-pruned models (ShortGPT, SLEB, MI, FuseGPT) are written as "
+                       "architecture 'llama' (or 'qwen2'); width-pruned ones (SlimGPT) as 'deci', which llama.cpp "
+                       "builds at per-layer widths (stock transformers cannot read 'deci').",
                        formatter_class=HelpFormatter)
     x.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
-    x.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="type of the 2-D weights (norms stay f32)")
+    x.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="type of the 2-D weights: float, or a 32-wide block quantisation (q8_0 is near-lossless); "
+                   "norms stay f32; for k-quants export f16 and run llama.cpp's llama-quantize")
+    x.add_argument("--pre", default=None, metavar="NAME",
+                   help="force tokenizer.ggml.pre (a pre-tokenizer name llama.cpp knows, e.g. smollm, llama-bpe, "
+                   "qwen2, gpt-2); default: carried over from a GGUF source, else derived as llama.cpp's converter "
+                   "does")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     from ..checkpoint.atomic import check_writable
-    from ..checkpoint.gguf import export_gguf
+    from ..checkpoint.gguf import export_gguf, gguf_arch
 
     out = Path(args.gguf).expanduser()
     if out.exists() and not args.overwrite:
@@ -170,6 +181,7 @@ def cmd_export(args) -> int:
     check_writable(out.parent)
     check_model(args.model)
     model, tok = load_model(args.model, device="cpu", dtype=None)
-    out = export_gguf(model, tok, args.gguf, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out} ({model.config.num_hidden_layers} blocks, {args.dtype})")
+    out = export_gguf(model, tok, args.gguf, dtype=args.dtype, overwrite=args.overwrite, pre=args.pre)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({gguf_arch(model)}, {model.config.num_hidden_layers} blocks, {args.dtype}, {size:.1f} MiB)")
     return 0
