@@ -34,7 +34,8 @@ from fusegpt.methods import GROUP_TRAIN_PRESETS  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
 
 GROUP_METHODS = ("fusegpt", "mi+ft")
-LABELS = {"dense": "dense", "shortgpt": "ShortGPT", "sleb": "SLEB", "mi": "MI", "mi+ft": "MI+FT", "fusegpt": "FuseGPT"}
+LABELS = {"dense": "dense", "shortgpt": "ShortGPT", "sleb": "SLEB", "mi": "MI", "mi+ft": "MI+FT", "fusegpt": "FuseGPT",
+          "replaceme": "ReplaceMe"}
 
 
 def _settings(pairs: list[str]) -> dict:
@@ -56,10 +57,12 @@ def _variant_of(method: str, args) -> str:
 
 
 def _own(method: str, args) -> dict:
-    """Settings over the preset for a group method (empty for the others)."""
-    if method not in GROUP_METHODS:
-        return {}
-    return _settings(args.set_fusegpt if method == "fusegpt" else args.set_mift)
+    """Settings over the preset: ``--set METHOD.KEY=VALUE`` for any method, plus ``--set-fusegpt`` /
+    ``--set-mift`` for the group methods."""
+    own = _settings([p.split(".", 1)[1] for p in args.set if p.split(".", 1)[0] == method])
+    if method in GROUP_METHODS:
+        own = {**_settings(args.set_fusegpt if method == "fusegpt" else args.set_mift), **own}
+    return own
 
 
 def _variant(own: dict) -> str:
@@ -79,11 +82,9 @@ def run_one(dense, tok, method: str, sparsity: float, args, evalc: EvalConfig) -
     if method == "dense":
         return {"method": "dense", "variant": "", "sparsity": 0.0, "removed": [], "layers": get_adapter(dense).num_layers,
                 "ppl": evaluate(dense, tok, evalc), "wall_s": 0.0, "peak_mb": None, "settings": {}}
-    extra = {}
     own = _own(method, args)
-    if method in GROUP_METHODS:
-        extra = dict(preset=args.preset, **own)
-    cfg = config_for(method, sparsity=sparsity, **calib, **extra)
+    extra = dict(preset=args.preset, **own) if method in GROUP_METHODS else dict(own)
+    cfg = config_for(method, sparsity=sparsity, **{**calib, **extra})
     model = copy.deepcopy(dense)
     model, rep = compress(model, tok, cfg)
     step = rep.steps[0]
@@ -129,6 +130,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--set-fusegpt", nargs="*", default=[], metavar="KEY=VALUE", help="FuseGPT settings over the preset")
     ap.add_argument("--set-mift", nargs="*", default=[], metavar="KEY=VALUE", help="MI+FT settings over the preset")
+    ap.add_argument("--set", nargs="*", default=[], metavar="METHOD.KEY=VALUE",
+                    help="settings of any method, e.g. shortgpt.linear_fold=ls replaceme.solver=cosine "
+                    "replaceme.nsamples=64 (they also name the row's variant)")
     ap.add_argument("--heal", action="store_true", help="heal each pruned model (LoRA, cpu preset) and evaluate again")
     ap.add_argument("--out", default="benchmarks/out/fusegpt.json")
     ap.add_argument("--md", default="benchmarks/results_fusegpt.md")

@@ -1,11 +1,14 @@
 """Our GGUF files in the real llama.cpp (through llama-cpp-python): they load, tokenize as transformers
 does, and give the same next-token logits as the model we exported (depth and width, each dtype).
 
-Skipped, with the reason, when llama-cpp-python is absent; ``scripts/setup.sh`` (what CI runs) builds
-it from source once per machine (``scripts/setup_llamacpp.sh``).
+Skipped, with the reason, when llama-cpp-python is absent (an error instead when
+``FUSEGPT_REQUIRE_LLAMACPP=1``, as ``.ci/run`` sets); ``scripts/setup.sh`` (what CI runs) builds it
+from source once per machine (``scripts/setup_llamacpp.sh``).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -17,8 +20,12 @@ from fusegpt.models import get_adapter
 from .conftest import BPE_TEXT, tiny_model
 
 pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: run scripts/setup_llamacpp.sh (builds llama.cpp, ~10 min)")
+if os.environ.get("FUSEGPT_REQUIRE_LLAMACPP") == "1":  # CI: a missing runtime is a failure, not a skip
+    import llama_cpp
+else:
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: run scripts/setup_llamacpp.sh (builds llama.cpp, "
+        "~5-10 min)")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # per dtype: (max relative error of the logits, min top-1 agreement over the 64 positions); measured on

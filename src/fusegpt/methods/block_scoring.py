@@ -18,16 +18,19 @@ from tqdm.auto import tqdm
 from ..blocks import remove_blocks, scores_by_origin
 from ..data import calibration_windows
 from ..importance import candidate_blocks, lowest
+from ..linear_map import SOLVERS, contiguous_runs, fit_spans, fold_into_predecessor
 from ..memory import EstimateEnv, ModelGeometry, act_bytes
 from ..models import DecoderAdapter
 from ..report import StepReport
 from ..runstate import RunContext
-from ..settings import PruneConfig, blocks_to_remove, check, check_int
+from ..settings import PruneConfig, blocks_to_remove, check, check_choice, check_int
 from ..timing import block_flops, head_flops, seconds
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[[DecoderAdapter, torch.Tensor, list[int], int], torch.Tensor]
+
+LINEAR_FOLDS = ("none", *SOLVERS)
 
 # The ranking set of the ``cpu`` presets: 8 windows of 256 wiki tokens, the same for every block
 # method (and FuseGPT's MI ranking), so they compare on the same data. SLEB, whose every
@@ -40,19 +43,27 @@ class BlockPruneConfig(PruneConfig):
     """Block (depth) pruning by an importance score; subclasses name the score.
 
     ``early_barrier``/``latter_barrier``: how many first/last blocks are never candidates.
+    ``linear_fold`` (not in any paper; ``none`` by default): before each removal, fit ReplaceMe's
+    linear map for every run of removed blocks on the model as it is at that step (``ls``: least
+    squares, ``cosine``: the cosine variant) and fold it into the block before the run
+    (:mod:`fusegpt.linear_map`); a run that starts at block 0 has no predecessor and is removed
+    as is. Block methods fit on their calibration windows, FuseGPT and MI+FT on their
+    fine-tuning windows, before the group's training.
     """
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none"}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 32, "seqlen": 2048},
                                                     "cpu": dict(CPU_RANKING)}
 
     early_barrier: int | None = None
     latter_barrier: int | None = None
+    linear_fold: str | None = None
 
     def validate(self) -> None:
         super().validate()
         check_int("early_barrier", self.early_barrier, 0)
         check_int("latter_barrier", self.latter_barrier, 0)
+        check_choice("linear_fold", self.linear_fold, LINEAR_FOLDS)
 
     def plan_layers(self, n_layers: int) -> int:
         k = blocks_to_remove(n_layers, self.sparsity)
@@ -68,15 +79,39 @@ def calibration_for(ctx: RunContext, cfg: PruneConfig) -> torch.Tensor:
     return calibration_windows(ctx.tokenizer, c.source, c.nsamples, c.seqlen, c.seed)
 
 
+def fold_before_removal(adapter: DecoderAdapter, cfg: BlockPruneConfig, windows: torch.Tensor,
+                        indices: list[int]) -> list[dict[str, Any]]:
+    """With ``cfg.linear_fold``, fit and fold a linear map for each run of ``indices`` (current
+    indices, about to be removed) into the block before it; returns what each fit did."""
+    if cfg.linear_fold == "none":
+        return []
+    origin = adapter.origin
+    runs = contiguous_runs(indices)
+    out = [{"blocks": [origin[i] for i in range(s, e)], "folded": False} for s, e in runs if s == 0]
+    runs = [(s, e) for s, e in runs if s > 0]
+    for fit in fit_spans(adapter, windows, runs, solver=cfg.linear_fold, seed=cfg.seed) if runs else []:
+        fold_into_predecessor(adapter, fit.start - 1, fit.transform)
+        out.append({"blocks": [origin[i] for i in range(fit.start, fit.end)], "folded": True,
+                    "into": origin[fit.start - 1], "residual": fit.residual,
+                    "residual_without_map": fit.residual_identity})
+    for o in out:
+        logger.info("linear fold: %s", o)
+    return out
+
+
 def run_one_shot(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, scorer, batch_size: int = 1) -> None:
     """Score once, drop the k lowest candidates."""
     adapter = ctx.adapter
     k = adapter.num_layers - cfg.plan_layers(adapter.num_layers)
-    scores = scorer(adapter, calibration_for(ctx, cfg), batch_size)
+    calib = calibration_for(ctx, cfg)
+    scores = scorer(adapter, calib, batch_size)
     cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
     masked = torch.full_like(scores, float("nan"))
     masked[cands] = scores[cands]
-    step.add_iteration(scores_by_origin(adapter, masked), remove_blocks(adapter, lowest(masked, k)))
+    drop = lowest(masked, k)
+    folds = fold_before_removal(adapter, cfg, calib, drop)
+    by_origin = scores_by_origin(adapter, masked)
+    step.add_iteration(by_origin, remove_blocks(adapter, drop), **({"linear_fold": folds} if folds else {}))
     logger.info("%s removed blocks %s", cfg.method, step.removed)
 
 
@@ -89,7 +124,10 @@ def run_iterative(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, scor
     for _ in tqdm(range(k), desc=f"{cfg.method} blocks", unit="block"):
         cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
         scores = scorer(adapter, calib, cands, batch_size)
-        step.add_iteration(scores_by_origin(adapter, scores), remove_blocks(adapter, lowest(scores, 1)))
+        drop = lowest(scores, 1)
+        folds = fold_before_removal(adapter, cfg, calib, drop)
+        by_origin = scores_by_origin(adapter, scores)
+        step.add_iteration(by_origin, remove_blocks(adapter, drop), **({"linear_fold": folds} if folds else {}))
         logger.info("%s removed block %d (original index)", cfg.method, step.removed[-1])
 
 

@@ -47,6 +47,7 @@ from ...importance import candidate_blocks, lowest, mi_scores
 from ...models import DecoderAdapter
 from ...report import StepReport
 from ...runstate import RunContext
+from ..block_scoring import fold_before_removal
 from .config import GroupTrainConfig
 from .state import has_state, load_state, save_state
 
@@ -313,7 +314,10 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
                 p = lowest(scores, 1)[0]
             group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
+            folds = fold_before_removal(adapter, cfg, ft, [p])
             info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val)
+            if folds:
+                info["linear_fold"] = folds
             if trial is not None:
                 info["trial_scores"] = trial
             info["group"] = [origin[j] for j in group]

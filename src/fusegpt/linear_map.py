@@ -1,0 +1,282 @@
+"""Replacing a span of blocks by one linear map (ReplaceMe), folded into the block before it.
+
+For a span of blocks ``s … e−1`` (current indices, ``s ≥ 1``) and its predecessor ``p = s − 1``,
+write the predecessor's output as ``Y + M``: ``M`` is its MLP output (the down projection's
+output) and ``Y`` everything else (its input plus its attention output). ReplaceMe
+(Shopkhoev et al., 2025) removes the span and looks for the map ``T`` (hidden × hidden) with
+``M·T + Y ≈ L``, ``L`` = the span's output (the input of block ``e``), on calibration tokens:
+
+* ``ls``: least squares in fp64, ``T = (MᵀM + αI)⁻¹ Mᵀ(L − Y)`` (``α``: ridge, 0 in the paper),
+  from ``MᵀM`` and ``Mᵀ(L − Y)`` accumulated over the windows (nothing per token is kept);
+* ``cosine``: the paper's alternative, ``min 1 − cos(M·T + Y, L)`` per token by Adam from
+  ``T = I`` (reference: lr 1e-4, 10 epochs, 1,024 tokens a batch), which keeps ``M``, ``Y``,
+  ``L`` of every calibration token.
+
+``T`` is folded into the predecessor's down projection (``W ← Tᵀ·W``, bias ``b ← Tᵀ·b``), so the
+model keeps its parameter count and stays a stock checkpoint. Spans are chosen by the angular
+distance ``arccos(cos(h_s, h_e))/π`` between the hidden states entering the span's first block
+and leaving its last, averaged over calibration tokens (:func:`span_distances`).
+
+Everything runs block by block over all windows (``adapter.using``), so under ``--offload`` only
+the block being run is on the device; the states kept between blocks are ``length + 1``
+boundaries of the calibration windows for the distances, and ``M``/``Y`` of the windows between a
+predecessor and its span's end for the fit.
+
+The fold assumes a block's output is ``Y + down_proj(…)`` (LLaMA, Mistral, Qwen2/3, LLaVA's
+language tower). :func:`fit_spans` checks this on the first window by doubling the down
+projection's output, and refuses families where it does not hold (e.g. a norm after the FFN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import DecoderAdapter
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("ls", "cosine")
+
+
+class LinearMapError(ValueError):
+    """The linear replacement cannot be applied to this model; the message says why."""
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``arccos(cos(a, b)) / π`` along the last dimension, in [0, 1]."""
+    cos = F.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1.0, 1.0)
+    return torch.arccos(cos) / math.pi
+
+
+@torch.no_grad()
+def span_distances(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequence[int], batch_size: int = 1,
+                   last_token: bool = False) -> dict[int, torch.Tensor]:
+    """``{n: d}`` with ``d[s]`` = mean angular distance between the states entering block ``s`` and
+    block ``s + n`` (``s = 0 … L − n``), over every calibration token (or each window's last token).
+
+    A resident model runs window by window (``max(lengths) + 1`` boundaries of one window are kept);
+    an offloaded one block by block over all windows (the same boundaries of every window).
+    """
+    n_layers = adapter.num_layers
+    lengths = sorted(set(lengths))
+    if not lengths or lengths[0] < 1 or lengths[-1] > n_layers:
+        raise ValueError(f"span lengths {lengths} must lie in 1..{n_layers}")
+    sums = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64) for n in lengths}
+
+    def pick(hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [h[:, -1:] for h in hs] if last_token else hs
+
+    def walk(chunks: list[torch.Tensor], ctxs: list) -> None:
+        ring: deque[list[torch.Tensor]] = deque([pick(chunks)], maxlen=lengths[-1] + 1)
+        for i in range(n_layers):
+            with adapter.using([i]):
+                chunks = [adapter.run_block(adapter.layers[i], h, c, i) for h, c in zip(chunks, ctxs, strict=True)]
+            ring.append(pick(chunks))
+            for n in lengths:
+                if i + 1 >= n:  # boundary i+1 against boundary i+1-n
+                    sums[n][i + 1 - n] += sum(float(angular_distance(a, b).sum())
+                                              for a, b in zip(ring[-1 - n], ring[-1], strict=True))
+
+    windows = [ids.to(adapter.device) for ids in calib.split(batch_size)]
+    if adapter.offloader is None:
+        for ids in windows:
+            h = adapter.embed(ids)
+            walk([h], adapter.contexts([h]))
+    else:
+        chunks = [adapter.embed(ids) for ids in windows]
+        walk(chunks, adapter.contexts(chunks))
+    count = calib.shape[0] if last_token else calib.numel()
+    return {n: s / count for n, s in sums.items()}
+
+
+@dataclass
+class SpanFit:
+    """One replaced span: blocks ``start … end−1`` (current indices), its map and how well it fits."""
+
+    start: int
+    end: int
+    transform: torch.Tensor | None = None  # hidden × hidden, fp64; applied as M·T
+    residual: float = float("nan")  # ‖M·T − (L − Y)‖ / ‖L − Y‖ on the calibration tokens
+    residual_identity: float = float("nan")  # the same with T = I: plain removal
+    info: dict = field(default_factory=dict)
+
+
+def _down_proj(adapter: DecoderAdapter, block: nn.Module) -> nn.Module:
+    roles = adapter.linear_roles(block)
+    if "down_proj" not in roles:
+        raise LinearMapError(f"{type(block).__name__} has no down projection role; linear replacement needs a "
+                             "LLaMA-style MLP (down_proj)")
+    return roles["down_proj"]
+
+
+class _Capture:
+    """Forward hook on a down projection: records its output, optionally scales it."""
+
+    def __init__(self, module: nn.Module):
+        self.out: torch.Tensor | None = None
+        self.scale = 1.0
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module, _inputs, output):
+        self.out = output.detach()
+        return output * self.scale if self.scale != 1.0 else output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _check_residual_form(adapter: DecoderAdapter, block: nn.Module, cap: _Capture, h: torch.Tensor, ctx,
+                         index: int, out: torch.Tensor) -> None:
+    """The block's output must be ``Y + M`` with M the down projection's output (one extra forward)."""
+    m = cap.out
+    cap.scale = 2.0
+    try:
+        out2 = adapter.run_block(block, h, ctx, index)
+    finally:
+        cap.scale = 1.0
+    err = (out2 - out - m).float().norm() / (m.float().norm() + 1e-12)
+    if err > 1e-3:
+        raise LinearMapError(f"block {index}'s output is not its input stream plus its down projection's output "
+                             f"(relative error {float(err):.2g}; e.g. a norm after the FFN): the linear map cannot "
+                             "be folded into it")
+
+
+@torch.no_grad()
+def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tuple[int, int]], solver: str = "ls",
+              ridge: float = 0.0, batch_size: int = 1, cosine_epochs: int = 10, cosine_lr: float = 1e-4,
+              cosine_batch: int = 1024, cosine_init: str = "identity", seed: int = 0) -> list[SpanFit]:
+    """Fit one map per span (non-overlapping, not adjacent, each ``start ≥ 1``) on the current model."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    spans = sorted(spans)
+    for (s, e), nxt in zip(spans, spans[1:] + [(adapter.num_layers + 1, 0)], strict=True):
+        if not 1 <= s < e <= adapter.num_layers or e >= nxt[0]:
+            raise ValueError(f"spans {spans} must be non-overlapping, non-adjacent, start at block 1 or later")
+    fits = [SpanFit(s, e) for s, e in spans]
+    by_pred = {s - 1: f for f, (s, _) in zip(fits, spans, strict=True)}
+    by_end = {e - 1: f for f, (_, e) in zip(fits, spans, strict=True)}
+    hidden = adapter.embed_tokens.weight.shape[1]
+    acc: dict[int, dict[str, torch.Tensor]] = {}
+    held: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # span start -> per chunk (M, Y)
+    rows: dict[int, list[torch.Tensor]] = {}  # cosine: per span, (M, Y, L) rows
+    chunks = [adapter.embed(ids.to(adapter.device)) for ids in calib.split(batch_size)]
+    ctxs = adapter.contexts(chunks)
+    last = spans[-1][1] - 1
+    for i in range(last + 1):
+        block = adapter.layers[i]
+        with adapter.using([i]):
+            if i in by_pred:
+                cap = _Capture(_down_proj(adapter, block))
+                try:
+                    pairs, nxt = [], []
+                    for j, (h, c) in enumerate(zip(chunks, ctxs, strict=True)):
+                        out = adapter.run_block(block, h, c, i)
+                        if j == 0:
+                            _check_residual_form(adapter, block, cap, h, c, i, out)
+                        m = cap.out.to(out.device)
+                        pairs.append((m, out - m))
+                        nxt.append(out)
+                finally:
+                    cap.remove()
+                held[by_pred[i].start] = pairs
+                chunks = nxt
+            else:
+                chunks = [adapter.run_block(block, h, c, i) for h, c in zip(chunks, ctxs, strict=True)]
+        if i in by_end:
+            fit = by_end[i]
+            pairs = held.pop(fit.start)
+            a = torch.zeros(hidden, hidden, dtype=torch.float64)
+            b = torch.zeros(hidden, hidden, dtype=torch.float64)
+            rr = torch.zeros((), dtype=torch.float64)
+            kept = []
+            for (m, y), lo in zip(pairs, chunks, strict=True):
+                m2 = m.reshape(-1, hidden).double().cpu()
+                r2 = (lo - y).reshape(-1, hidden).double().cpu()
+                a += m2.T @ m2
+                b += m2.T @ r2
+                rr += (r2 * r2).sum()
+                if solver == "cosine":
+                    kept.append((m.reshape(-1, hidden).float().cpu(), y.reshape(-1, hidden).float().cpu(),
+                                 lo.reshape(-1, hidden).float().cpu()))
+            acc[fit.start] = {"a": a, "b": b, "rr": rr}
+            if solver == "cosine":
+                rows[fit.start] = kept
+    for fit in fits:
+        st = acc[fit.start]
+        a, b, rr = st["a"], st["b"], st["rr"]
+        t_ls = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), b)
+        if solver == "ls":
+            t = t_ls
+        else:
+            init = t_ls if cosine_init == "ls" else torch.eye(a.shape[0], dtype=torch.float64)
+            t, fit.info["cosine_loss"] = _fit_cosine(rows.pop(fit.start), init, cosine_epochs, cosine_lr,
+                                                     cosine_batch, seed)
+        fit.transform = t
+        sq = torch.trace(t.T @ a @ t) - 2 * torch.trace(t.T @ b) + rr
+        fit.residual = float(torch.sqrt(sq.clamp_min(0) / rr))
+        fit.residual_identity = float(torch.sqrt((torch.trace(a) - 2 * torch.trace(b) + rr).clamp_min(0) / rr))
+    return fits
+
+
+@torch.enable_grad()
+def _fit_cosine(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], init: torch.Tensor, epochs: int,
+                lr: float, batch: int, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """``min 1 − cos(M·T + Y, L)`` by Adam over shuffled token batches (the reference's cosine variant);
+    returns ``T`` and the mean cosine loss before and after."""
+    m = torch.cat([r[0] for r in rows])
+    y = torch.cat([r[1] for r in rows])
+    lo = torch.cat([r[2] for r in rows])
+    t = nn.Parameter(init.float().clone())
+    opt = torch.optim.Adam([t], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(1 - F.cosine_similarity(m @ t + y, lo, dim=-1).mean())
+
+    before = mean_loss()
+    for _ in range(epochs):
+        for idx in torch.randperm(m.shape[0], generator=g).split(batch):
+            opt.zero_grad()
+            pred = m[idx] @ t + y[idx]
+            loss = 1 - F.cosine_similarity(pred, lo[idx], dim=-1).mean()
+            loss.backward()
+            opt.step()
+    return t.detach().double(), {"before": before, "after": mean_loss()}
+
+
+@torch.no_grad()
+def fold_into_predecessor(adapter: DecoderAdapter, index: int, transform: torch.Tensor) -> None:
+    """``down_proj`` of block ``index``: ``W ← Tᵀ·W`` (and ``b ← Tᵀ·b``), computed in fp64."""
+    block = adapter.layers[index]
+    with adapter.using([index], write=True):
+        down = _down_proj(adapter, block)
+        if type(down) is not nn.Linear:
+            to_linear = getattr(down, "to_linear", None)
+            if to_linear is None:
+                raise LinearMapError(f"block {index}'s down projection is a {type(down).__name__}; merge it first")
+            down = to_linear()
+            adapter.set_linear(block, "down_proj", down)
+        tt = transform.T.to(device=down.weight.device)
+        down.weight.copy_((tt @ down.weight.double()).to(down.weight.dtype))
+        if down.bias is not None:
+            down.bias.copy_((tt @ down.bias.double()).to(down.bias.dtype))
+
+
+def contiguous_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted ``(start, end)`` runs of consecutive indices: [3, 4, 7] → [(3, 5), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

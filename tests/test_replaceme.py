@@ -1,0 +1,161 @@
+"""ReplaceMe and ``linear_fold``: span choice, the least-squares map, the fold, stock checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fusegpt import compress, config_for
+from fusegpt.linear_map import (
+    LinearMapError,
+    contiguous_runs,
+    fit_spans,
+    fold_into_predecessor,
+    span_distances,
+)
+from fusegpt.methods import ReplaceMeConfig
+from fusegpt.methods.replaceme import choose_spans, span_lengths
+from fusegpt.models import get_adapter
+from fusegpt.settings import ConfigError
+from fusegpt.utils import count_params
+
+from .conftest import ToyTokenizer, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _calib(n: int = 4, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 120, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+class LinearBlock(nn.Module):
+    """A toy decoder block whose output is a fixed linear function of its input."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+
+    def forward(self, hidden_states, **_):
+        return hidden_states @ self.a
+
+
+def _split_subspaces_model():
+    """Tiny LLaMA where block 0's input and attention live in dims 32..63 (Y) and its MLP writes only
+    dims 0..31 (M), and block 1 is linear: out = x·diag(A₁, I). Then L = Y + M·A₁ exactly."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    a = get_adapter(model)
+    with torch.no_grad():
+        a.embed_tokens.weight[:, :32] = 0
+        roles = a.linear_roles(a.layers[0])
+        roles["o_proj"].weight[:32] = 0
+        roles["down_proj"].weight[32:] = 0
+    a1 = torch.randn(32, 32, generator=torch.Generator().manual_seed(3)) / 32 ** 0.5
+    full = torch.eye(64)
+    full[:32, :32] = a1
+    a.layers[1] = LinearBlock(full)
+    return model, a1
+
+
+def test_least_squares_map_is_exact_when_the_span_is_linear():
+    model, a1 = _split_subspaces_model()
+    a = get_adapter(model)
+    ids = _calib()
+    with torch.no_grad():
+        want = model(ids).logits
+    [fit] = fit_spans(a, ids, [(1, 2)], ridge=1e-9)
+    assert fit.residual < 1e-5 < 0.1 < fit.residual_identity
+    torch.testing.assert_close(fit.transform[:32, :32].float(), a1, atol=1e-4, rtol=1e-4)
+    params = count_params(model)
+    fold_into_predecessor(a, 0, fit.transform)
+    assert count_params(model) == params  # the fold adds nothing
+    a.keep_layers([0, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_span_distances_and_choice():
+    model = tiny_model("llama", num_hidden_layers=6)
+    a = get_adapter(model)
+    d = span_distances(a, _calib(), [1, 2])
+    assert d[1].shape == (6,) and d[2].shape == (5,)
+    assert ((d[1] >= 0) & (d[1] <= 1)).all()
+    last = span_distances(a, _calib(), [2], last_token=True)[2]
+    assert not torch.allclose(last, d[2])
+    fake = {2: torch.tensor([0.0, 0.1, 0.5, 0.05, 0.9]), 1: torch.tensor([0.0, 0.3, 0.2, 0.9, 0.1, 0.4])}
+    # block 0 is never a span start; spans never overlap
+    assert choose_spans(fake, [2, 1], 1, 6) == [(2, 3), (3, 5)]
+    assert span_lengths(8, 3) == [3, 3, 2]
+    assert contiguous_runs([2, 3, 4, 7]) == [(2, 5), (7, 8)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("solver,spans", [("ls", 1), ("ls", 2), ("cosine", 1)])
+def test_replaceme_runs_and_reloads_stock(tmp_path, text_file, family, solver, spans):
+    from transformers import AutoModelForCausalLM
+
+    from fusegpt.checkpoint import save_pruned
+
+    model = tiny_model(family, num_hidden_layers=8)
+    params = count_params(model)
+    block_params = sum(p.numel() for p in get_adapter(model).layers[0].parameters())
+    cfg = ReplaceMeConfig(sparsity=0.25, calib_source=text_file, nsamples=4, seqlen=32, solver=solver, spans=spans)
+    model, rep = compress(model, ToyTokenizer(), cfg)
+    step = rep.steps[0]
+    assert len(step.removed) == 2 and 0 not in step.removed
+    assert model.config.num_hidden_layers == 6 and count_params(model) == params - 2 * block_params
+    info = step.details["spans"]
+    assert sum(len(s["blocks"]) for s in info) == 2 and all(s["into"] == s["blocks"][0] - 1 for s in info)
+    if solver == "ls":
+        assert all(s["residual"] < s["residual_without_map"] for s in info)
+    else:
+        assert all(s["cosine_loss"]["after"] < s["cosine_loss"]["before"] for s in info)
+    out = save_pruned(model, None, tmp_path / "ck", rep)
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _calib(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_replaceme_is_deterministic(text_file):
+    outs = []
+    for _ in range(2):
+        model, rep = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(),
+                              ReplaceMeConfig(sparsity=0.25, calib_source=text_file, nsamples=4, seqlen=32))
+        outs.append((rep.steps[0].removed, [p.detach().clone() for p in model.parameters()]))
+    assert outs[0][0] == outs[1][0]
+    assert all(torch.equal(x, y) for x, y in zip(outs[0][1], outs[1][1], strict=True))
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "sleb", "mi", "mi+ft", "fusegpt"])
+def test_linear_fold_for_every_depth_method(text_file, method):
+    """Same removals as without the fold on the first step, the predecessor's down projection
+    changed, nothing else, and the fit recorded."""
+    extra = {"epochs": 1, "ft_nsamples": 4, "ft_seqlen": 32, "val_nsamples": 2} if method in ("mi+ft", "fusegpt") else {}
+    base = dict(sparsity=0.125, calib_source=text_file, nsamples=4, seqlen=32, preset="cpu", **extra)
+    plain, rep0 = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(), config_for(method, **base))
+    folded, rep1 = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(),
+                            config_for(method, linear_fold="ls", **base))
+    assert rep1.steps[0].removed == rep0.steps[0].removed
+    [fold] = rep1.steps[0].iterations[0]["linear_fold"]
+    assert fold["folded"] and fold["blocks"] == rep0.steps[0].removed
+    assert fold["residual"] < fold["residual_without_map"]
+    assert count_params(folded) == count_params(plain)
+    if method in ("shortgpt", "sleb", "mi"):  # no training: only the predecessor's down projection differs
+        changed = [n for (n, p), (_, q) in zip(plain.named_parameters(), folded.named_parameters(), strict=True)
+                   if not torch.equal(p, q)]
+        into = rep0.steps[0].removed[0] - 1
+        assert changed == [f"model.layers.{into}.mlp.down_proj.weight"]
+
+
+def test_refusals(text_file):
+    with pytest.raises(ConfigError, match="linear_fold"):
+        ReplaceMeConfig(linear_fold="ls")
+    with pytest.raises(ConfigError, match="spans"):
+        compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(),
+                 ReplaceMeConfig(sparsity=0.125, spans=3, calib_source=text_file, nsamples=2, seqlen=16))
+    with pytest.raises(ConfigError, match="solver"):
+        ReplaceMeConfig(solver="adam")
+    gemma2 = tiny_model("gemma2")  # a norm after the FFN: the map cannot be folded
+    with pytest.raises(LinearMapError, match="norm after the FFN"):
+        fit_spans(get_adapter(gemma2), _calib(2, 16), [(1, 2)])
