@@ -159,3 +159,41 @@ def test_refusals(text_file):
     gemma2 = tiny_model("gemma2")  # a norm after the FFN: the map cannot be folded
     with pytest.raises(LinearMapError, match="norm after the FFN"):
         fit_spans(get_adapter(gemma2), _calib(2, 16), [(1, 2)])
+
+
+def test_cli_replaceme_and_linear_fold(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from fusegpt.cli import main
+
+    path, text = tiny_checkpoint
+    common = ["--model", str(path), "--sparsity", "0.34", "--calib", str(text), "--nsamples", "2", "--seqlen", "16",
+              "--no-eval"]
+    assert main(["prune", "--method", "replaceme", "--set", "spans=2", "--output", str(tmp_path / "rm"), *common]) == 0
+    rep = json.loads((tmp_path / "rm" / "report.json").read_text())
+    assert len(rep["steps"][0]["details"]["spans"]) in (1, 2) and len(rep["steps"][0]["removed"]) == 3
+    assert main(["prune", "--method", "sleb", "--set", "linear_fold=ls", "--output", str(tmp_path / "sl"), *common]) == 0
+    rep = json.loads((tmp_path / "sl" / "report.json").read_text())
+    assert all(it["linear_fold"] for it in rep["steps"][0]["iterations"])
+    assert main(["prune", "--method", "replaceme", "--set", "solver=adam", "--output", str(tmp_path / "x"),
+                 *common]) == 2
+    assert "solver" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.real
+def test_replaceme_on_the_embedded_model():
+    """The map is worth having on real text: removing ReplaceMe's span with the map beats removing it without
+    (measured: 34.31 without, 30.12 with at 64 × 256 news tokens; with only 8 × 128 the 576 × 576 map overfits
+    and is worse, 46.99)."""
+    from fusegpt import EvalConfig, evaluate, load_model
+
+    evalc = EvalConfig(data=("wiki",), seqlen=256, max_tokens=2048)
+    model, tok = load_model()
+    model, rep = compress(model, tok, ReplaceMeConfig(sparsity=0.1, calib_source="news", preset="cpu"))
+    [span] = rep.steps[0].details["spans"]
+    assert len(span["blocks"]) == 3 and span["residual"] < span["residual_without_map"]
+    with_map = evaluate(model, tok, evalc)["wiki"]
+    plain, _ = load_model()
+    get_adapter(plain).keep_layers([i for i in range(30) if i not in span["blocks"]])
+    without = evaluate(plain, tok, evalc)["wiki"]
+    assert with_map < without, (with_map, without)

@@ -6,7 +6,9 @@ output) and ``Y`` everything else (its input plus its attention output). Replace
 (Shopkhoev et al., 2025) removes the span and looks for the map ``T`` (hidden × hidden) with
 ``M·T + Y ≈ L``, ``L`` = the span's output (the input of block ``e``), on calibration tokens:
 
-* ``ls``: least squares in fp64, ``T = (MᵀM + αI)⁻¹ Mᵀ(L − Y)`` (``α``: ridge, 0 in the paper),
+* ``ls``: least squares in fp64, ``T = (MᵀM + αI)⁻¹ Mᵀ(L − Y)`` (``α = ridge ·`` the mean diagonal of
+  ``MᵀM``, so ``ridge`` does not depend on the activations' scale; the reference's α is absolute; 0 in
+  the paper and by default),
   from ``MᵀM`` and ``Mᵀ(L − Y)`` accumulated over the windows (nothing per token is kept);
 * ``cosine``: the paper's alternative, ``min 1 − cos(M·T + Y, L)`` per token by Adam from
   ``T = I`` (reference: lr 1e-4, 10 epochs, 1,024 tokens a batch), which keeps ``M``, ``Y``,
@@ -154,8 +156,8 @@ def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tupl
               ridge: float = 0.0, batch_size: int = 1, cosine_epochs: int = 10, cosine_lr: float = 1e-4,
               cosine_batch: int = 1024, cosine_init: str = "identity", seed: int = 0) -> list[SpanFit]:
     """Fit one map per span (non-overlapping, not adjacent, each ``start ≥ 1``) on the current model."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver not in (*SOLVERS, "identity"):
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)} or identity, got {solver!r}")
     spans = sorted(spans)
     for (s, e), nxt in zip(spans, spans[1:] + [(adapter.num_layers + 1, 0)], strict=True):
         if not 1 <= s < e <= adapter.num_layers or e >= nxt[0]:
@@ -212,11 +214,14 @@ def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tupl
     for fit in fits:
         st = acc[fit.start]
         a, b, rr = st["a"], st["b"], st["rr"]
-        t_ls = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), b)
-        if solver == "ls":
-            t = t_ls
+        eye = torch.eye(a.shape[0], dtype=torch.float64)
+        alpha = ridge * float(torch.trace(a)) / a.shape[0]  # relative to the mean diagonal of MᵀM
+        if solver == "identity":  # no map: the span is simply removed (the ablation)
+            t = eye
+        elif solver == "ls":
+            t = torch.linalg.solve(a + alpha * eye, b)
         else:
-            init = t_ls if cosine_init == "ls" else torch.eye(a.shape[0], dtype=torch.float64)
+            init = torch.linalg.solve(a + alpha * eye, b) if cosine_init == "ls" else eye
             t, fit.info["cosine_loss"] = _fit_cosine(rows.pop(fit.start), init, cosine_epochs, cosine_lr,
                                                      cosine_batch, seed)
         fit.transform = t

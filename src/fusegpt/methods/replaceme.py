@@ -12,10 +12,13 @@ for the maths):
   ``merge_consecutive``). A span never starts at block 0 (its map needs a predecessor);
 * ``distance_tokens``: ``all`` calibration tokens (default; with a few windows on a CPU the
   reference's ``last`` token of each window gives only ``nsamples`` samples) or ``last``;
-* ``solver``: ``ls`` (least squares in fp64, ``ridge`` α, the paper's default and ours) or
+* ``solver``: ``ls`` (least squares in fp64, optional ``ridge`` relative to the mean diagonal of
+  MᵀM; the paper's default and ours) or
   ``cosine`` (Adam on 1 − cos from ``T = I``: ``cosine_lr`` 1e-4, ``cosine_epochs`` 10,
   ``cosine_batch`` 1,024 tokens as the reference; ``cosine_init=ls`` starts from the least-squares
   map instead, not in the paper);
+* ``solver=identity``: no map, the span is just removed (the ablation that shows what the map is
+  worth);
 * every span is fitted on the model as it is before any removal, in one pass (as the reference).
 
 Presets: ``paper`` 256 × 1024 calibration tokens (the reference uses 8,000 short chat samples of
@@ -67,7 +70,7 @@ class ReplaceMeConfig(BlockPruneConfig):
     def validate(self) -> None:
         super().validate()
         check_int("spans", self.spans)
-        check_choice("solver", self.solver, SOLVERS)
+        check_choice("solver", self.solver, (*SOLVERS, "identity"))
         check_float("ridge", self.ridge, 0.0)
         check_choice("distance_tokens", self.distance_tokens, ("all", "last"))
         check_int("cosine_epochs", self.cosine_epochs)
@@ -125,7 +128,8 @@ def replace_spans(ctx: RunContext, cfg: ReplaceMeConfig, step: StepReport) -> No
     origin = adapter.origin
     spans_info = []
     for fit in fits:
-        fold_into_predecessor(adapter, fit.start - 1, fit.transform)
+        if cfg.solver != "identity":
+            fold_into_predecessor(adapter, fit.start - 1, fit.transform)
         n = fit.end - fit.start
         d = dist[n][fit.start] if n in dist else span_distances(adapter, calib, [n])[n][fit.start]
         spans_info.append({"blocks": [origin[i] for i in range(fit.start, fit.end)], "into": origin[fit.start - 1],
