@@ -67,7 +67,8 @@ def test_scores_equal_resident(fam):
 @pytest.mark.parametrize("method,extra", [
     ("mi", {}), ("sleb", {}), ("fusegpt", {"coef_rank": 4, "lr_base": 1e-3}), ("mi+ft", {"lr": 1e-3}),
     ("slimgpt", {}), ("replaceme", {"spans": 2}), ("replaceme", {"solver": "cosine"}),
-    ("shortgpt", {"linear_fold": "ls"}), ("mi+ft", {"lr": 1e-3, "linear_fold": "ls"}),
+    ("shortgpt", {"linear_fold": "ls", "fold_nsamples": 4, "fold_seqlen": 32}),
+    ("mi+ft", {"lr": 1e-3, "linear_fold": "ls", "fold_nsamples": 4, "fold_seqlen": 32}),
 ])
 def test_methods_give_the_same_model_offloaded(method, extra, text_file, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -132,7 +132,8 @@ def test_linear_fold_for_every_depth_method(text_file, method):
     """Same removals as without the fold on the first step, the predecessor's down projection
     changed, nothing else, and the fit recorded."""
     extra = {"epochs": 1, "ft_nsamples": 4, "ft_seqlen": 32, "val_nsamples": 2} if method in ("mi+ft", "fusegpt") else {}
-    base = dict(sparsity=0.125, calib_source=text_file, nsamples=4, seqlen=32, preset="cpu", **extra)
+    base = dict(sparsity=0.125, calib_source=text_file, nsamples=4, seqlen=32, preset="cpu", fold_nsamples=4,
+                fold_seqlen=32, **extra)
     plain, rep0 = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(), config_for(method, **base))
     folded, rep1 = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(),
                             config_for(method, linear_fold="ls", **base))

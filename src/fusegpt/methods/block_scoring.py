@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 Scorer = Callable[[DecoderAdapter, torch.Tensor, list[int], int], torch.Tensor]
 
 LINEAR_FOLDS = ("none", *SOLVERS)
+# windows the linear_fold maps are fitted on, per preset (ReplaceMe's own calibration sizes)
+FOLD_WINDOWS = {"paper": {"fold_nsamples": 256, "fold_seqlen": 1024}, "cpu": {"fold_nsamples": 64, "fold_seqlen": 256}}
 
 # The ranking set of the ``cpu`` presets: 8 windows of 256 wiki tokens, the same for every block
 # method (and FuseGPT's MI ranking), so they compare on the same data. SLEB, whose every
@@ -47,8 +49,10 @@ class BlockPruneConfig(PruneConfig):
     linear map for every run of removed blocks on the model as it is at that step (``ls``: least
     squares, ``cosine``: the cosine variant) and fold it into the block before the run
     (:mod:`fusegpt.linear_map`); a run that starts at block 0 has no predecessor and is removed
-    as is. Block methods fit on their calibration windows, FuseGPT and MI+FT on their
-    fine-tuning windows, before the group's training.
+    as is. The maps are fitted on their own windows of the calibration source (same seed):
+    ``fold_nsamples`` × ``fold_seqlen``, by default :data:`FOLD_WINDOWS` of the preset (a
+    d × d map needs many more tokens than a ranking: on the embedded model 8 × 128 tokens overfit
+    it, 64 × 256 do not); FuseGPT and MI+FT fold before the group's training.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none"}
@@ -58,12 +62,23 @@ class BlockPruneConfig(PruneConfig):
     early_barrier: int | None = None
     latter_barrier: int | None = None
     linear_fold: str | None = None
+    fold_nsamples: int | None = None
+    fold_seqlen: int | None = None
 
     def validate(self) -> None:
         super().validate()
         check_int("early_barrier", self.early_barrier, 0)
         check_int("latter_barrier", self.latter_barrier, 0)
         check_choice("linear_fold", self.linear_fold, LINEAR_FOLDS)
+        check_int("fold_nsamples", self.fold_nsamples)
+        check_int("fold_seqlen", self.fold_seqlen, 2)
+
+    def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        super().derive(values, origins)
+        for key in ("fold_nsamples", "fold_seqlen"):
+            if values.get(key) is None:
+                values[key] = FOLD_WINDOWS[values["preset"]][key]
+                origins[key] = f"preset {values['preset']} (fold windows)"
 
     def plan_layers(self, n_layers: int) -> int:
         k = blocks_to_remove(n_layers, self.sparsity)
@@ -79,11 +94,18 @@ def calibration_for(ctx: RunContext, cfg: PruneConfig) -> torch.Tensor:
     return calibration_windows(ctx.tokenizer, c.source, c.nsamples, c.seqlen, c.seed)
 
 
-def fold_before_removal(adapter: DecoderAdapter, cfg: BlockPruneConfig, windows: torch.Tensor,
+def fold_windows(ctx: RunContext, cfg: BlockPruneConfig) -> torch.Tensor | None:
+    """The windows ``linear_fold`` fits its maps on (None when it is off)."""
+    if cfg.linear_fold == "none":
+        return None
+    return calibration_windows(ctx.tokenizer, cfg.calib_source, cfg.fold_nsamples, cfg.fold_seqlen, cfg.seed)
+
+
+def fold_before_removal(adapter: DecoderAdapter, cfg: BlockPruneConfig, windows: torch.Tensor | None,
                         indices: list[int]) -> list[dict[str, Any]]:
     """With ``cfg.linear_fold``, fit and fold a linear map for each run of ``indices`` (current
     indices, about to be removed) into the block before it; returns what each fit did."""
-    if cfg.linear_fold == "none":
+    if cfg.linear_fold == "none" or windows is None:
         return []
     origin = adapter.origin
     runs = contiguous_runs(indices)
@@ -109,7 +131,7 @@ def run_one_shot(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, score
     masked = torch.full_like(scores, float("nan"))
     masked[cands] = scores[cands]
     drop = lowest(masked, k)
-    folds = fold_before_removal(adapter, cfg, calib, drop)
+    folds = fold_before_removal(adapter, cfg, fold_windows(ctx, cfg), drop)
     by_origin = scores_by_origin(adapter, masked)
     step.add_iteration(by_origin, remove_blocks(adapter, drop), **({"linear_fold": folds} if folds else {}))
     logger.info("%s removed blocks %s", cfg.method, step.removed)
@@ -121,11 +143,12 @@ def run_iterative(ctx: RunContext, cfg: BlockPruneConfig, step: StepReport, scor
     adapter = ctx.adapter
     k = adapter.num_layers - cfg.plan_layers(adapter.num_layers)
     calib = calibration_for(ctx, cfg)
+    fold_set = fold_windows(ctx, cfg)
     for _ in tqdm(range(k), desc=f"{cfg.method} blocks", unit="block"):
         cands = candidate_blocks(adapter.num_layers, cfg.early_barrier, cfg.latter_barrier)
         scores = scorer(adapter, calib, cands, batch_size)
         drop = lowest(scores, 1)
-        folds = fold_before_removal(adapter, cfg, calib, drop)
+        folds = fold_before_removal(adapter, cfg, fold_set, drop)
         by_origin = scores_by_origin(adapter, scores)
         step.add_iteration(by_origin, remove_blocks(adapter, drop), **({"linear_fold": folds} if folds else {}))
         logger.info("%s removed block %d (original index)", cfg.method, step.removed[-1])

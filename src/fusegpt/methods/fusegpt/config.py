@@ -120,6 +120,7 @@ class GroupTrainConfig(BlockPruneConfig):
               "keep_best needs validation windows (val_nsamples >= 1); set keep_best=False or val_nsamples")
 
     def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        super().derive(values, origins)
         if values.get("ft_source") is None:
             values["ft_source"] = values["calib_source"]
             origins["ft_source"] = "calib_source"

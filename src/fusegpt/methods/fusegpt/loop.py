@@ -47,7 +47,7 @@ from ...importance import candidate_blocks, lowest, mi_scores
 from ...models import DecoderAdapter
 from ...report import StepReport
 from ...runstate import RunContext
-from ..block_scoring import fold_before_removal
+from ..block_scoring import fold_before_removal, fold_windows
 from .config import GroupTrainConfig
 from .state import has_state, load_state, save_state
 
@@ -291,6 +291,7 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
     ft = calibration_windows(ctx.tokenizer, cfg.ft_source, cfg.ft_nsamples, cfg.ft_seqlen, seed)
     val = heldout_windows(ctx.tokenizer, cfg.ft_source, cfg.val_nsamples, cfg.ft_seqlen, seed, cfg.ft_nsamples) \
         if cfg.val_nsamples else None
+    fold_set = fold_windows(ctx, cfg)
     if cfg.selection == "fuse-trial" and adapter.offloader is not None:
         raise ValueError("selection=fuse-trial does not run layer-wise (--offload) yet; use selection=mi")
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
@@ -314,7 +315,7 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
                 p = lowest(scores, 1)[0]
             group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
-            folds = fold_before_removal(adapter, cfg, ft, [p])
+            folds = fold_before_removal(adapter, cfg, fold_set, [p])
             info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val)
             if folds:
                 info["linear_fold"] = folds
