@@ -50,7 +50,7 @@ def llama_cpp_perplexity(llama_cpp, path: Path, tokens: torch.Tensor, seqlen: in
     try:
         for w in tokens[: n * seqlen].view(n, seqlen).tolist():
             llm.reset()
-            llm._ctx.memory_clear(True)  # a fresh KV cache per window
+            llm._ctx.kv_cache_clear()  # a fresh KV cache per window
             llm.eval(w)
             logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)
             logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -71,12 +71,12 @@ def llama_cpp_speed(llama_cpp, path: Path, threads: int, repeats: int, vocab: in
     try:
         for _ in range(repeats):
             llm.reset()
-            llm._ctx.memory_clear(True)
+            llm._ctx.kv_cache_clear()
             t = time.perf_counter()
             llm.eval(prompt)
             pp.append(512 / (time.perf_counter() - t))
             llm.reset()
-            llm._ctx.memory_clear(True)
+            llm._ctx.kv_cache_clear()
             t = time.perf_counter()
             for tok in prompt[:128]:
                 llm.eval([tok])
