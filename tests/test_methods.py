@@ -14,7 +14,7 @@ from fusegpt.settings import PruneConfig
 
 from .conftest import tiny_config, tiny_model
 
-ALL = ("shortgpt", "sleb", "mi", "mi+ft", "fusegpt", "replaceme", "slimgpt", "magnitude")
+ALL = ("shortgpt", "sleb", "mi", "mi+ft", "fusegpt", "replaceme", "slimgpt", "llm-pruner", "magnitude")
 
 
 def test_every_method_is_one_record():
@@ -35,7 +35,9 @@ def test_every_method_has_paper_and_cpu_presets(name):
     assert set(cls.PRESETS) >= {"paper", "cpu"}
     cpu, paper = cls(sparsity=0.2).resolve("cpu"), cls(sparsity=0.2).resolve("cuda")
     assert cpu.preset == "cpu" and paper.preset == "paper"
-    if name != "magnitude":  # the magnitude baseline reads no calibration data
+    if name == "llm-pruner":  # its paper setting (10 × 64 tokens) is already CPU-sized
+        assert cpu.nsamples * cpu.seqlen == paper.nsamples * paper.seqlen == 640
+    elif name != "magnitude":  # the magnitude baseline reads no calibration data
         assert cpu.nsamples * cpu.seqlen < paper.nsamples * paper.seqlen
     assert all(v is not None for k, v in cpu.to_dict().items() if k not in ("ft_source",))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,25 +28,41 @@ class MagnitudeWidthConfig(SlimGPTConfig):
     method: ClassVar[str] = "magnitude"
 
 
-def _sq_rows(W: torch.Tensor) -> torch.Tensor:
-    return W.float().pow(2).sum(dim=1)
+RowStat = Callable[[nn.Module, str, nn.Linear, int], torch.Tensor]
 
 
-class MagnitudeChooser:
-    """:class:`~fusegpt.width.UnitChooser` by weight norms (no calibration)."""
+def squared_norms(block: nn.Module, role: str, lin: nn.Linear, dim: int) -> torch.Tensor:
+    """Squared L2 norm of each row (``dim=1`` sums over it) or column (``dim=0``) of the weight."""
+    return lin.weight.float().pow(2).sum(dim=dim)
+
+
+class ScoreChooser:
+    """:class:`~fusegpt.width.UnitChooser` that drops the units of least score, no compensation.
+
+    ``stat(block, role, linear, dim)`` gives one number per row (``dim=1``) or column (``dim=0``)
+    of a projection; a head scores its q rows + o columns (+ its K/V group's k/v rows when whole
+    groups go), an FFN channel its gate/up rows + down column. Weight norms for the magnitude
+    baseline; first-order Taylor terms for LLM-Pruner.
+    """
 
     needs_calibration = False
+
+    def __init__(self, stat: RowStat = squared_norms):
+        self.stat = stat
+
+    def _stat(self, block: nn.Module, roles: dict[str, nn.Linear], role: str, dim: int) -> torch.Tensor:
+        return self.stat(block, role, roles[role], dim).float()
 
     def heads(self, adapter: DecoderAdapter, block: nn.Module, index: int, w: BlockWidth, p: LayerPlan,
               hidden, ctxs, info: dict[str, Any]) -> tuple[list[int], list[int]]:
         r = width_roles(adapter, block)
         d = w.head_dim
-        q = _sq_rows(r["q_proj"].weight).view(w.n_heads, d).sum(1)
-        o = r["o_proj"].weight.float().pow(2).sum(0).view(w.n_heads, d).sum(1)
+        q = self._stat(block, r, "q_proj", 1).view(w.n_heads, d).sum(1)
+        o = self._stat(block, r, "o_proj", 0).view(w.n_heads, d).sum(1)
         per_head = q + o
         units, sched = head_units(w, p)
         if p.rule == "kv_groups":
-            kv = (_sq_rows(r["k_proj"].weight) + _sq_rows(r["v_proj"].weight)).view(w.n_kv, d).sum(1)
+            kv = (self._stat(block, r, "k_proj", 1) + self._stat(block, r, "v_proj", 1)).view(w.n_kv, d).sum(1)
             scores = torch.stack([per_head[u].sum() + kv[k] for k, u in enumerate(units)])
         else:
             scores = per_head
@@ -54,14 +71,15 @@ class MagnitudeChooser:
     def channels(self, adapter: DecoderAdapter, block: nn.Module, index: int, n_remove: int, hidden, ctxs,
                  info: dict[str, Any]) -> list[int]:
         r = width_roles(adapter, block)
-        s = _sq_rows(r["gate_proj"].weight) + _sq_rows(r["up_proj"].weight) + r["down_proj"].weight.float().pow(2).sum(0)
+        s = self._stat(block, r, "gate_proj", 1) + self._stat(block, r, "up_proj", 1) + \
+            self._stat(block, r, "down_proj", 0)
         return torch.argsort(s)[:n_remove].tolist()
 
 
 register(Method(
     name="magnitude",
     config_cls=MagnitudeWidthConfig,
-    run=lambda ctx, cfg, step: run_width(ctx, cfg, step, MagnitudeChooser()),
+    run=lambda ctx, cfg, step: run_width(ctx, cfg, step, ScoreChooser()),
     estimate_memory=lambda g, cfg, env: width_memory(g, cfg, env, obs=False),
     estimate_time=lambda g, cfg, env: 1.0,
     summary="magnitude: width baseline, drop heads / FFN channels of least weight norm (no calibration)",

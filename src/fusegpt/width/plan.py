@@ -111,6 +111,11 @@ def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -
             f"at least {cfg.method}'s total target {cfg.sparsity:.1%}; raise its sparsity"
         )
     shape = schedule_shape(cfg.schedule, len(widths))
+    first, last = getattr(cfg, "keep_first", 0) or 0, getattr(cfg, "keep_last", 0) or 0
+    if first or last:  # blocks kept whole (LLM-Pruner keeps the first and last few): ratio min_ratio there
+        if first + last >= len(widths):
+            raise ConfigError(f"keep_first={first} + keep_last={last} leave none of the {len(widths)} blocks to prune")
+        shape = [0.0 if i < first or i >= len(widths) - last else f for i, f in enumerate(shape)]
 
     def build(r_max: float) -> list[LayerPlan]:
         return [_layer_plan(i, w, rule, cfg.min_ratio + (r_max - cfg.min_ratio) * f, cfg.max_layer_ratio)
