@@ -55,7 +55,7 @@ def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:
 
 def is_width_pruned_model(model: nn.Module) -> bool:
     """True when some layer's widths differ from what the config says for all layers."""
-    cfg = model.config
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     try:
         adapter = get_adapter(model)
         if not all(isinstance(adapter.linear_roles(b).get(r), nn.Linear) for b in adapter.layers for r in _ROLES):
@@ -130,9 +130,24 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _build(config, no_init_weights) -> nn.Module:
+    """The model class for ``config`` (causal LM, else image-text-to-text for LLaVA), SDPA where the
+    family has it, else eager attention."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    last: Exception | None = None
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        for attn in ("sdpa", "eager"):
+            try:
+                with no_init_weights():
+                    return auto.from_config(config, attn_implementation=attn)
+            except ValueError as e:  # no such mapping, or no SDPA for this family
+                last = e
+    raise ValueError(f"cannot build a {config.model_type} model from the saved config: {last}")
+
+
 def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Rebuild a width-pruned checkpoint at its per-layer widths: ``(model, tokenizer or None)``."""
-    from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     folder = Path(path)
@@ -148,8 +163,7 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = _build(config, no_init_weights)
     adapter = get_adapter(model)
     apply_widths(adapter, widths)
     state = _read_state(folder)
