@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "linear-increase": ("slimgpt", {"schedule": "linear_increase"}),
     "log-decrease": ("slimgpt", {"schedule": "log_decrease"}),
     "linear-decrease": ("slimgpt", {"schedule": "linear_decrease"}),
+    # the width peer LLM-Pruner (its own uniform ratio, first 4 / last 2 blocks kept)
+    "llm-pruner (Taylor)": ("llm-pruner", {}),
+    "llm-pruner (vector)": ("llm-pruner", {"taylor": "vector"}),
 }
 CORE = ("slimgpt (log-increase)", "magnitude (no OBS)", "−GCD", "−DGS")
 
