@@ -85,7 +85,7 @@ def input_ids():
 # ---------------------------------------------------------------- families beyond the LLaMA layout
 # (issue 6) Gemma/Gemma-2, Phi-3, OPT, GPT-2 and LLaVA spell their config keys differently; same
 # sizes as TINY. FAMILIES stays the LLaMA-layout set that the older tests assume.
-EXTRA_FAMILIES = ["gemma", "gemma2", "phi3", "opt", "gpt2", "llava"]
+EXTRA_FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2", "llava"]
 ALL_FAMILIES = [*FAMILIES, *EXTRA_FAMILIES]
 TINY_IMAGE_TOKEN = 127  # LLaVA's image placeholder id in the tiny vocabulary
 
@@ -103,7 +103,7 @@ def _extra_config(model_type: str, **overrides):
                                   image_size=30, patch_size=15, projection_dim=32)
         return LlavaConfig(vision_config=vision, text_config=text, image_token_index=TINY_IMAGE_TOKEN,
                            projector_hidden_act="gelu", vision_feature_layer=-1, **overrides)
-    if model_type in ("gemma", "gemma2", "phi3"):
+    if model_type in ("gemma", "gemma2", "gemma3_text", "phi3"):
         base.update(intermediate_size=TINY["intermediate_size"], num_key_value_heads=2, rms_norm_eps=1e-6,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if model_type == "gemma":
@@ -111,6 +111,11 @@ def _extra_config(model_type: str, **overrides):
     if model_type == "gemma2":
         base.update(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if model_type == "gemma3_text":  # 5 local : 1 global as the real models, two RoPE bases
+        base.update(head_dim=16, sliding_window=16, query_pre_attn_scalar=16, sliding_window_pattern=3,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
     if model_type == "phi3":
         base.update(sliding_window=16, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     if model_type == "opt":

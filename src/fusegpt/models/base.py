@@ -36,7 +36,7 @@ class BlockContext:
     """
 
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
@@ -161,7 +161,13 @@ class DecoderAdapter:
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = getattr(self.decoder, "rotary_emb", None)
-        pos_emb = rotary(hidden, position_ids=position_ids) if rotary is not None else None
+        pos_emb = None
+        if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+            # one table per attention kind (Gemma 3: local and global layers have their own RoPE base)
+            pos_emb = {kind: rotary(hidden, position_ids, kind) for kind in {self.layer_type(i) for i in
+                                                                             range(self.num_layers)}}
+        elif rotary is not None:
+            pos_emb = rotary(hidden, position_ids=position_ids)
         masks: dict[str, torch.Tensor | None] = {}
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids)
         for kind in {self.layer_type(i) for i in range(self.num_layers)}:
@@ -243,8 +249,11 @@ class DecoderAdapter:
     def _call_block(self, block: nn.Module, hidden: torch.Tensor, ctx: BlockContext, index: int | None) -> torch.Tensor:
         kind = getattr(block, "attention_type", None) or (self.layer_type(index) if index is not None else "full_attention")
         kwargs = {"attention_mask": ctx.masks.get(kind), "position_ids": ctx.position_ids, "use_cache": False}
-        if ctx.position_embeddings is not None:  # rotary models; learned positions are added in embed()
-            kwargs["position_embeddings"] = ctx.position_embeddings
+        pe = ctx.position_embeddings
+        if isinstance(pe, dict):  # per attention kind (Gemma 3)
+            pe = pe[kind]
+        if pe is not None:  # rotary models; learned positions are added in embed()
+            kwargs["position_embeddings"] = pe
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -343,6 +352,7 @@ def _ctx_to(ctx: BlockContext, dev: torch.device) -> BlockContext:
     pe = ctx.position_embeddings
     return BlockContext(
         position_ids=ctx.position_ids.to(dev),
-        position_embeddings=tuple(t.to(dev) for t in pe) if pe is not None else None,
+        position_embeddings=({k: tuple(t.to(dev) for t in v) for k, v in pe.items()} if isinstance(pe, dict)
+                             else tuple(t.to(dev) for t in pe) if pe is not None else None),
         masks={k: (m.to(dev) if isinstance(m, torch.Tensor) else m) for k, m in ctx.masks.items()},
     )
