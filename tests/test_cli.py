@@ -99,3 +99,26 @@ def test_help_mentions_methods(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     assert "shortgpt" in capsys.readouterr().out
+
+
+def test_eval_needs_no_adapter_pruning_does(tmp_path, capsys):
+    """A causal LM fusegpt has no adapter for (GPT-NeoX): eval measures it; prune says why it cannot."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .conftest import byte_tokenizer
+
+    cfg = AutoConfig.for_model("gpt_neox", vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=96, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox")
+    byte_tokenizer().save_pretrained(tmp_path / "neox")
+    text = tmp_path / "t.txt"
+    text.write_text("alpha beta gamma delta " * 400)
+    assert main(["eval", "--model", str(tmp_path / "neox"), "--data", str(text), "--seqlen", "64", "--max-tokens",
+                 "512", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"][str(text)]
+    assert 1 < ppl < 1e4
+    assert main(["prune", "--model", str(tmp_path / "neox"), "--method", "mi", "--sparsity", "0.5", "--calib",
+                 str(text), "--output", str(tmp_path / "o")]) == 2
+    assert "pruning needs an adapter" in capsys.readouterr().err and not (tmp_path / "o").exists()

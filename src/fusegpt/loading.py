@@ -152,18 +152,20 @@ def resolve_model_path(spec: str | None) -> str:
     return spec
 
 
-def read_config(path: str):
-    """The model config, without weights; raises ModelLoadError for unsupported types."""
+def read_config(path: str, need_adapter: bool = True):
+    """The model config, without weights; raises ModelLoadError for types fusegpt cannot prune
+    (unless ``need_adapter`` is False: evaluation runs any causal LM)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise ModelLoadError(f"cannot read the config of {path}: {e}") from None
-    try:
-        check_supported(config)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
+    if need_adapter:
+        try:
+            check_supported(config)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     return config
 
 
@@ -199,7 +201,7 @@ def model_config(spec: str | None):
 
 def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                offload: str | None = None, offload_folder: str | None = None, device_map=None,
-               max_memory: dict | None = None):
+               max_memory: dict | None = None, need_adapter: bool = True):
     """Load ``(model, tokenizer)`` from a folder, hub id, ``.gguf`` file or the embedded default.
 
     Width-pruned checkpoints (saved by SlimGPT) are rebuilt at their per-layer widths through
@@ -220,19 +222,21 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
         return _load_layerwise(path, dtype, device, offload, offload_folder)
     if Path(path).is_dir() and is_width_pruned(path):
         return load_width_pruned(path, dtype=dtype, device=device)
-    config = read_config(path)
+    config = read_config(path, need_adapter)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
     import transformers
 
-    adapter = adapter_class(config.model_type)
-    auto = getattr(transformers, adapter.auto_class)
+    try:
+        adapter = adapter_class(config.model_type)
+        auto, attn = getattr(transformers, adapter.auto_class), {"attn_implementation": adapter.attn_implementation}
+    except ValueError:  # no adapter: evaluation only (need_adapter=False), transformers' own defaults
+        auto, attn = transformers.AutoModelForCausalLM, {}
     with _weights_errors(path):
         if device_map is not None:
-            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation,
-                                         device_map=device_map, max_memory=max_memory)
+            model = auto.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=max_memory, **attn)
             _check_device_map(model)
         else:
-            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=adapter.attn_implementation)
+            model = auto.from_pretrained(path, dtype=dtype, **attn)
             model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()

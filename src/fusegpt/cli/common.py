@@ -55,10 +55,10 @@ def csv(text: str, kind=str) -> list:
     return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def check_model(spec: str | None) -> str:
+def check_model(spec: str | None, need_adapter: bool = True) -> str:
     path = resolve_model_path(spec)
     if Path(path).exists() and not is_width_pruned(path):
-        read_config(path)
+        read_config(path, need_adapter)
     return path
 
 
@@ -100,11 +100,11 @@ def placement_of(args) -> Placement:
                      max_memory=getattr(args, "max_memory", None))
 
 
-def load(args, offload: str | None):
+def load(args, offload: str | None, need_adapter: bool = True):
     """Load the model as the device flags say (resident, layer-wise, or over several GPUs)."""
     p = placement_of(args)
     return load_model(args.model, dtype=p.dtype, device=p.device, offload=offload,
-                      offload_folder=p.offload_folder, device_map=p.device_map)
+                      offload_folder=p.offload_folder, device_map=p.device_map, need_adapter=need_adapter)
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

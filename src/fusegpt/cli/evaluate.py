@@ -47,11 +47,11 @@ def cmd_eval(args) -> int:
     cfg = EvalConfig(data=data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size) if data else None
     for src in cfg.data if cfg else ():
         check_source(src)
-    path = check_model(args.model)
+    path = check_model(args.model, need_adapter=args.offload is not None)  # perplexity needs no adapter
     if args.tasks and args.offload:
         raise UsageError("--tasks runs lm-eval on the whole model; it cannot use --offload (use --device-map to "
                          "spread a large model over GPUs)")
-    model, tok = load(args, args.offload)
+    model, tok = load(args, args.offload, need_adapter=args.offload is not None)
     ctx = getattr(model.config, "max_position_embeddings", None)
     if cfg and ctx and cfg.seqlen > ctx:
         raise UsageError(f"seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; lower --seqlen")

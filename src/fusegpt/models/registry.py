@@ -30,7 +30,8 @@ def adapter_class(model_type: str) -> type[DecoderAdapter]:
         return _ADAPTERS[model_type]
     except KeyError:
         raise ValueError(
-            f"unsupported model type {model_type!r}: fusegpt supports {', '.join(supported_model_types())}"
+            f"unsupported model type {model_type!r}: pruning needs an adapter, and fusegpt has them for "
+            f"{', '.join(supported_model_types())} (fusegpt eval still measures any causal LM's perplexity)"
         ) from None
 
 
