@@ -198,3 +198,29 @@ def test_replaceme_on_the_embedded_model():
     get_adapter(plain).keep_layers([i for i in range(30) if i not in span["blocks"]])
     without = evaluate(plain, tok, evalc)["wiki"]
     assert with_map < without, (with_map, without)
+
+
+def test_linear_fold_leaves_the_group_teacher_alone(text_file, monkeypatch):
+    """FuseGPT / MI+FT learn from the model *with* the removed block: the fold into its predecessor
+    must come after the teacher outputs are taken (a fold first would corrupt the target)."""
+    from fusegpt.methods.fusegpt import loop
+
+    seen = []
+    original = loop._group_outputs
+
+    def record(*args, **kw):
+        out = original(*args, **kw)
+        seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(loop, "_group_outputs", record)
+    base = dict(sparsity=0.125, calib_source=text_file, nsamples=4, seqlen=32, preset="cpu", epochs=1, ft_nsamples=4,
+                ft_seqlen=32, val_nsamples=2, fold_nsamples=4, fold_seqlen=32)
+    _, plain = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(), config_for("mi+ft", **base))
+    n = len(seen)
+    _, folded = compress(tiny_model("llama", num_hidden_layers=8), ToyTokenizer(),
+                         config_for("mi+ft", linear_fold="ls", **base))
+    assert len(seen) == 2 * n and all(torch.equal(a, b) for a, b in zip(seen[:n], seen[n:], strict=True))
+    start0, start1 = (r.steps[0].details["groups"][0]["loss_start"] for r in (plain, folded))
+    assert start1 < start0  # the map lowers the student's starting loss against the same teacher
+    assert folded.steps[0].iterations[0]["linear_fold"][0]["folded"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -134,20 +135,24 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupT
 
 
 def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool, it: int,
-                    seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None) -> dict[str, Any]:
+                    seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None,
+                    fold: Callable[[], list] | None = None) -> dict[str, Any]:
     """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here.
 
     ``val``: held-in validation windows (see :class:`GroupTrainConfig`). On an offloaded model the
     group's blocks stay on the device for the whole step and are written back to the store afterwards.
     """
     with adapter.using(group, write=True):
-        return _fuse_and_train_resident(adapter, p, group, ft, fuse, it, seed, cfg, val)
+        return _fuse_and_train_resident(adapter, p, group, ft, fuse, it, seed, cfg, val, fold=fold)
 
 
 def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor | None, fuse: bool,
                              it: int, seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None,
-                             cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """``cached``: the group's (inputs, teacher outputs) on the training windows, when already known."""
+                             cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             fold: Callable[[], list] | None = None) -> dict[str, Any]:
+    """``cached``: the group's (inputs, teacher outputs) on the training windows, when already known.
+    ``fold``: ``linear_fold``'s fit-and-fold of p's map into its predecessor, run once the teacher
+    outputs are taken (the teacher is the model with p, before the fold) and before training."""
     bs = cfg.batch_size
     student = [j for j in group if j != p]
     if cached is not None:
@@ -159,6 +164,7 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
     if val is not None:
         v_in = _states_entering(adapter, val, group[0], bs)
         val_pair = (v_in, _group_outputs(adapter, group, v_in, bs))
+    folds = fold() if fold is not None else []
     # what a fallback restores: the modules per role, the number of terms, every trainable value
     before = {(j, role): (m, len(m.terms) if isinstance(m, FusedLinear) else 0)
               for j in student for role, m in adapter.linear_roles(adapter.layers[j]).items()}
@@ -181,6 +187,8 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         warmup=cfg.warmup, clip_grad=cfg.clip_grad, keep_best=cfg.keep_best,
     )
     info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs)}
+    if folds:
+        info["linear_fold"] = folds
     for q in (*lora, *coef, *norms):
         q.requires_grad_(True)
     try:
@@ -315,10 +323,8 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
                 p = lowest(scores, 1)[0]
             group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
-            folds = fold_before_removal(adapter, cfg, fold_set, [p])
-            info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val)
-            if folds:
-                info["linear_fold"] = folds
+            info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val,
+                                   fold=lambda p=p: fold_before_removal(adapter, cfg, fold_set, [p]))
             if trial is not None:
                 info["trial_scores"] = trial
             info["group"] = [origin[j] for j in group]
