@@ -44,7 +44,7 @@ from ...models import get_adapter
 from ..width import is_width_pruned_model, layer_widths
 from .errors import ExportError, gguf_module
 from .quant import DTYPES, check_dtype, encode, file_type
-from .vocab import PRE_KEY, add_tokenizer, pre_for, probe_hash, resolve_pre
+from .vocab import PRE_KEY, add_tokenizer, pre_for, probe_hash, resolve_pre, tokenizer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     check_exportable(model)
     cfg = model.config
-    pre_name = pre_for(tokenizer, cfg, pre) if tokenizer is not None else None
+    spec = tokenizer_spec(tokenizer) if tokenizer is not None else None  # parsed once, checked before writing
+    pre_name = pre_for(tokenizer, spec, cfg, pre) if tokenizer is not None else None
     arch = gguf_arch(model)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
         writer.add_file_type(file_type(dtype))
         _add_hparams(writer, model, arch)
         if tokenizer is not None:
-            add_tokenizer(writer, tokenizer, int(cfg.vocab_size), pre_name)
+            add_tokenizer(writer, tokenizer, spec, int(cfg.vocab_size), pre_name)
         else:
             logger.warning("no tokenizer: the GGUF file holds weights only (llama.cpp needs a tokenizer to serve it)")
         for tname, t in _tensors(model):

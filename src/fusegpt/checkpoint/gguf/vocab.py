@@ -72,8 +72,9 @@ def _check_known(name: str, where: str) -> str:
     return name
 
 
-def resolve_pre(tokenizer, config=None, pre: str | None = None) -> tuple[str, str]:
-    """``(name, how it was found)`` for ``tokenizer.ggml.pre`` of a byte-level BPE tokenizer."""
+def resolve_pre(tokenizer, config=None, pre: str | None = None, spec: dict | None = None) -> tuple[str, str]:
+    """``(name, how it was found)`` for ``tokenizer.ggml.pre`` of a byte-level BPE tokenizer
+    (``spec``: its tokenizers JSON, when the caller has already parsed it)."""
     if pre is not None:
         return _check_known(pre, "--pre"), "asked for"
     carried = getattr(config, PRE_KEY, None) if config is not None else None
@@ -82,8 +83,7 @@ def resolve_pre(tokenizer, config=None, pre: str | None = None) -> tuple[str, st
     digest = probe_hash(tokenizer)
     if digest in HASH_TO_PRE:
         return HASH_TO_PRE[digest][0], f"probe hash (as {HASH_TO_PRE[digest][1]})"
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    name = _by_structure(spec)
+    name = _by_structure(spec if spec is not None else tokenizer_spec(tokenizer))
     if name is not None:
         return name, "pre-tokenizer regex"
     raise ExportError(
@@ -115,10 +115,10 @@ def tokenizer_spec(tokenizer) -> dict:
     return spec
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
-    """Write ``tokenizer`` into ``writer``; ``pre`` is the resolved name (None for SentencePiece style)."""
+def add_tokenizer(writer, tokenizer, spec: dict, vocab_size: int, pre: str | None) -> None:
+    """Write ``tokenizer`` (``spec``: its :func:`tokenizer_spec`) into ``writer``; ``pre`` is the
+    resolved name (None for SentencePiece style)."""
     gguf = gguf_module()
-    spec = tokenizer_spec(tokenizer)
     model = spec["model"]
     spm = is_sentencepiece_bpe(spec)
     id_to_token = {i: t for t, i in model["vocab"].items()}
@@ -167,13 +167,12 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
         writer.add_chat_template(template)
 
 
-def pre_for(tokenizer, config, pre: str | None) -> str | None:
+def pre_for(tokenizer, spec: dict, config, pre: str | None) -> str | None:
     """The name to write (None for SentencePiece-style tokenizers), resolved before any file is opened."""
-    spec = tokenizer_spec(tokenizer)
     if is_sentencepiece_bpe(spec):
         if pre is not None:
             logger.warning("--pre %s ignored: SentencePiece-style tokenizers carry no pre-tokenizer name", pre)
         return None
-    name, how = resolve_pre(tokenizer, config, pre)
+    name, how = resolve_pre(tokenizer, config, pre, spec)
     logger.info("tokenizer.ggml.pre = %s (%s)", name, how)
     return name
