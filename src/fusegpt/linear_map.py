@@ -108,6 +108,7 @@ class SpanFit:
     transform: torch.Tensor | None = None  # hidden × hidden, fp64; applied as M·T
     residual: float = float("nan")  # ‖M·T − (L − Y)‖ / ‖L − Y‖ on the calibration tokens
     residual_identity: float = float("nan")  # the same with T = I: plain removal
+    distance: float = float("nan")  # mean angular distance between the span's input (Y + M) and output L
     info: dict = field(default_factory=dict)
 
 
@@ -155,7 +156,8 @@ def _check_residual_form(adapter: DecoderAdapter, block: nn.Module, cap: _Captur
 def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tuple[int, int]], solver: str = "ls",
               ridge: float = 0.0, batch_size: int = 1, cosine_epochs: int = 10, cosine_lr: float = 1e-4,
               cosine_batch: int = 1024, cosine_init: str = "identity", seed: int = 0) -> list[SpanFit]:
-    """Fit one map per span (non-overlapping, not adjacent, each ``start ≥ 1``) on the current model."""
+    """Fit one map per span (non-overlapping, not adjacent, each ``start ≥ 1``) on the current model,
+    in one block-by-block pass that stops at the last span's end."""
     if solver not in (*SOLVERS, "identity"):
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)} or identity, got {solver!r}")
     spans = sorted(spans)
@@ -163,16 +165,12 @@ def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tupl
         if not 1 <= s < e <= adapter.num_layers or e >= nxt[0]:
             raise ValueError(f"spans {spans} must be non-overlapping, non-adjacent, start at block 1 or later")
     fits = [SpanFit(s, e) for s, e in spans]
-    by_pred = {s - 1: f for f, (s, _) in zip(fits, spans, strict=True)}
-    by_end = {e - 1: f for f, (_, e) in zip(fits, spans, strict=True)}
-    hidden = adapter.embed_tokens.weight.shape[1]
-    acc: dict[int, dict[str, torch.Tensor]] = {}
+    by_pred = {f.start - 1: f for f in fits}
+    by_end = {f.end - 1: f for f in fits}
     held: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # span start -> per chunk (M, Y)
-    rows: dict[int, list[torch.Tensor]] = {}  # cosine: per span, (M, Y, L) rows
     chunks = [adapter.embed(ids.to(adapter.device)) for ids in calib.split(batch_size)]
     ctxs = adapter.contexts(chunks)
-    last = spans[-1][1] - 1
-    for i in range(last + 1):
+    for i in range(spans[-1][1]):
         block = adapter.layers[i]
         with adapter.using([i]):
             if i in by_pred:
@@ -194,41 +192,46 @@ def fit_spans(adapter: DecoderAdapter, calib: torch.Tensor, spans: Sequence[tupl
                 chunks = [adapter.run_block(block, h, c, i) for h, c in zip(chunks, ctxs, strict=True)]
         if i in by_end:
             fit = by_end[i]
-            pairs = held.pop(fit.start)
-            a = torch.zeros(hidden, hidden, dtype=torch.float64)
-            b = torch.zeros(hidden, hidden, dtype=torch.float64)
-            rr = torch.zeros((), dtype=torch.float64)
-            kept = []
-            for (m, y), lo in zip(pairs, chunks, strict=True):
-                m2 = m.reshape(-1, hidden).double().cpu()
-                r2 = (lo - y).reshape(-1, hidden).double().cpu()
-                a += m2.T @ m2
-                b += m2.T @ r2
-                rr += (r2 * r2).sum()
-                if solver == "cosine":
-                    kept.append((m.reshape(-1, hidden).float().cpu(), y.reshape(-1, hidden).float().cpu(),
-                                 lo.reshape(-1, hidden).float().cpu()))
-            acc[fit.start] = {"a": a, "b": b, "rr": rr}
-            if solver == "cosine":
-                rows[fit.start] = kept
-    for fit in fits:
-        st = acc[fit.start]
-        a, b, rr = st["a"], st["b"], st["rr"]
-        eye = torch.eye(a.shape[0], dtype=torch.float64)
-        alpha = ridge * float(torch.trace(a)) / a.shape[0]  # relative to the mean diagonal of MᵀM
-        if solver == "identity":  # no map: the span is simply removed (the ablation)
-            t = eye
-        elif solver == "ls":
-            t = torch.linalg.solve(a + alpha * eye, b)
-        else:
-            init = torch.linalg.solve(a + alpha * eye, b) if cosine_init == "ls" else eye
-            t, fit.info["cosine_loss"] = _fit_cosine(rows.pop(fit.start), init, cosine_epochs, cosine_lr,
-                                                     cosine_batch, seed)
-        fit.transform = t
-        sq = torch.trace(t.T @ a @ t) - 2 * torch.trace(t.T @ b) + rr
-        fit.residual = float(torch.sqrt(sq.clamp_min(0) / rr))
-        fit.residual_identity = float(torch.sqrt((torch.trace(a) - 2 * torch.trace(b) + rr).clamp_min(0) / rr))
+            _solve(fit, held.pop(fit.start), chunks, solver, ridge, cosine_epochs, cosine_lr, cosine_batch,
+                   cosine_init, seed)
     return fits
+
+
+def _solve(fit: SpanFit, pairs: list[tuple[torch.Tensor, torch.Tensor]], outs: list[torch.Tensor], solver: str,
+           ridge: float, cosine_epochs: int, cosine_lr: float, cosine_batch: int, cosine_init: str, seed: int) -> None:
+    """Fill ``fit`` from the span's ``(M, Y)`` per chunk and its outputs ``L``: normal equations in fp64,
+    the map, its residuals, the span's distance."""
+    hidden = outs[0].shape[-1]
+    a = torch.zeros(hidden, hidden, dtype=torch.float64)
+    b = torch.zeros(hidden, hidden, dtype=torch.float64)
+    rr = torch.zeros((), dtype=torch.float64)
+    dist, count = 0.0, 0
+    rows = []  # cosine: (M, Y, L) of every token
+    for (m, y), lo in zip(pairs, outs, strict=True):
+        m2 = m.reshape(-1, hidden).double().cpu()
+        r2 = (lo - y).reshape(-1, hidden).double().cpu()
+        a += m2.T @ m2
+        b += m2.T @ r2
+        rr += (r2 * r2).sum()
+        dist += float(angular_distance(y + m, lo).sum())
+        count += m2.shape[0]
+        if solver == "cosine":
+            rows.append((m.reshape(-1, hidden).float().cpu(), y.reshape(-1, hidden).float().cpu(),
+                         lo.reshape(-1, hidden).float().cpu()))
+    eye = torch.eye(hidden, dtype=torch.float64)
+    alpha = ridge * float(torch.trace(a)) / hidden  # relative to the mean diagonal of MᵀM
+    if solver == "identity":  # no map: the span is simply removed (the ablation)
+        t = eye
+    elif solver == "ls":
+        t = torch.linalg.solve(a + alpha * eye, b)
+    else:
+        init = torch.linalg.solve(a + alpha * eye, b) if cosine_init == "ls" else eye
+        t, fit.info["cosine_loss"] = _fit_cosine(rows, init, cosine_epochs, cosine_lr, cosine_batch, seed)
+    fit.transform = t
+    sq = torch.trace(t.T @ a @ t) - 2 * torch.trace(t.T @ b) + rr
+    fit.residual = float(torch.sqrt(sq.clamp_min(0) / rr))
+    fit.residual_identity = float(torch.sqrt((torch.trace(a) - 2 * torch.trace(b) + rr).clamp_min(0) / rr))
+    fit.distance = dist / count
 
 
 @torch.enable_grad()

@@ -52,7 +52,8 @@ class BlockPruneConfig(PruneConfig):
     as is. The maps are fitted on their own windows of the calibration source (same seed):
     ``fold_nsamples`` × ``fold_seqlen``, by default :data:`FOLD_WINDOWS` of the preset (a
     d × d map needs many more tokens than a ranking: on the embedded model 8 × 128 tokens overfit
-    it, 64 × 256 do not); FuseGPT and MI+FT fold before the group's training.
+    it, 64 × 256 do not); FuseGPT and MI+FT fold after the group's teacher outputs are taken and
+    before its training.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none"}

@@ -130,8 +130,8 @@ def replace_spans(ctx: RunContext, cfg: ReplaceMeConfig, step: StepReport) -> No
     for fit in fits:
         if cfg.solver != "identity":
             fold_into_predecessor(adapter, fit.start - 1, fit.transform)
-        n = fit.end - fit.start
-        d = dist[n][fit.start] if n in dist else span_distances(adapter, calib, [n])[n][fit.start]
+        n = fit.end - fit.start  # a merged span has no row in the selection table: the fit measured it
+        d = dist[n][fit.start] if n in dist else fit.distance
         spans_info.append({"blocks": [origin[i] for i in range(fit.start, fit.end)], "into": origin[fit.start - 1],
                            "distance": float(d), "residual": fit.residual,
                            "residual_without_map": fit.residual_identity, **fit.info})
