@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # the width peer LLM-Pruner (its own uniform ratio, first 4 / last 2 blocks kept)
     "llm-pruner (Taylor)": ("llm-pruner", {}),
     "llm-pruner (vector)": ("llm-pruner", {"taylor": "vector"}),
+    # the width peer SliceGPT: at the same decoder budget, and at the paper's slicing (d' = (1 − s)·D)
+    "slicegpt": ("slicegpt", {}),
+    "slicegpt (paper slicing)": ("slicegpt", {"target": "dim"}),
 }
 CORE = ("slimgpt (log-increase)", "magnitude (no OBS)", "−GCD", "−DGS")
 
@@ -89,7 +92,7 @@ def _cache_token_streams() -> None:
 
 
 def run_variant(name: str, sparsity: float | None, args, eval_cfg: EvalConfig) -> dict:
-    model, tok = load_model()
+    model, tok = load_model(args.model)
     model.eval()
     torch.set_num_threads(args.threads)
     dec0 = decoder_params(get_adapter(model))
@@ -100,11 +103,12 @@ def run_variant(name: str, sparsity: float | None, args, eval_cfg: EvalConfig) -
         method, settings = VARIANTS[name]
         cfg = config_for(method, sparsity=sparsity, calib_source=args.calib, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=args.seed, **settings)
-        model, report = compress(model, tok, cfg, model_name="embedded:SmolLM2-135M-Instruct")
+        model, report = compress(model, tok, cfg, model_name=args.model or "embedded:SmolLM2-135M-Instruct")
         d = report.steps[0].details
         row.update(prune_s=round(report.wall_time_s, 1), peak_mb=report.peak_memory_mb,
-                   achieved=d["sparsity_achieved"], r_max=d["r_max"],
-                   layers=[{k: x[k] for k in ("layer", "ratio", "heads", "kv_heads", "ffn")} for x in d["layers"]],
+                   achieved=d["sparsity_achieved"], r_max=d.get("r_max"), sliced_dim=d.get("sliced_dim"),
+                   layers=[{k: x[k] for k in ("layer", "ratio", "heads", "kv_heads", "ffn", "energy_kept_out")
+                            if k in x} for x in d["layers"]],
                    config=report.steps[0].config)
     row["params"] = count_params(model)
     row["decoder_params"] = decoder_params(get_adapter(model))
@@ -113,6 +117,13 @@ def run_variant(name: str, sparsity: float | None, args, eval_cfg: EvalConfig) -
     row["ppl"] = evaluate(model, tok, eval_cfg)
     row["eval_s"] = round(time.perf_counter() - t, 1)
     row.update(speed(model, model.config.vocab_size, args.prefill_tokens, args.decode_tokens))
+    if args.heal and sparsity is not None:  # recovery fine-tuning (cpu preset), then evaluate again
+        from fusegpt import HealConfig, heal
+
+        t = time.perf_counter()
+        model, rec = heal(model, tok, HealConfig(preset="cpu", seed=args.seed))
+        row.update(ppl_healed=evaluate(model, tok, eval_cfg), heal_s=round(time.perf_counter() - t, 1),
+                   heal={k: rec[k] for k in ("loss_before", "loss_after", "steps") if k in rec})
     return row
 
 
@@ -142,27 +153,29 @@ def interleaved_speed(args, rounds: int = 5) -> dict:
 def markdown(results: dict, args, cmd: str) -> str:
     dense = results.get("dense")
     lines = [
-        "# SlimGPT on the embedded SmolLM2-135M-Instruct (CPU)",
+        f"# Width pruning on {args.model or 'the embedded SmolLM2-135M-Instruct'} (CPU)",
         "",
         f"Command: `{cmd}`",
         "",
         f"Calibration: {args.nsamples} × {args.seqlen} tokens of `{args.calib}` (seed {args.seed}), the same windows "
         f"for every variant. Perplexity: GPTQ protocol, seqlen {args.eval_seqlen}, first {args.max_tokens} tokens "
         f"of each source (`wiki` test split, `news` test split). Sparsity = fraction of decoder-block parameters "
-        f"removed (embeddings / LM head, 28.3M of the 134.5M, untouched). Speed: batch 1, prefill of "
+        f"removed (embeddings and LM head untouched, except by SliceGPT, which slices the embeddings and unties the "
+        f"head). Speed: batch 1, prefill of "
         f"{args.prefill_tokens} tokens and greedy decode of {args.decode_tokens} tokens with KV cache, median of 2, "
         f"{args.threads} CPU threads on a shared 2-core machine (noisy; compare within a run). Peak memory: process "
         f"RSS during pruning.",
         "",
     ]
-    head = ("| variant | decoder −% | params | ppl wiki | ppl news | prune s | peak MB | prefill tok/s | "
-            "decode tok/s |")
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| variant | decoder −% | params | ppl wiki | ppl news | healed wiki / news | prune s | peak MB | "
+            "prefill tok/s | decode tok/s |")
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
     def fmt(r: dict) -> str:
         mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") else "–"
+        healed = f"{r['ppl_healed']['wiki']:.2f} / {r['ppl_healed']['news']:.2f}" if r.get("ppl_healed") else "–"
         return (f"| {r['variant']} | {100 * r['decoder_reduction']:.1f} | {r['params'] / 1e6:.1f}M | "
-                f"{r['ppl']['wiki']:.2f} | {r['ppl']['news']:.2f} | {r['prune_s']:.0f} | {mb} | "
+                f"{r['ppl']['wiki']:.2f} | {r['ppl']['news']:.2f} | {healed} | {r['prune_s']:.0f} | {mb} | "
                 f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
 
     for s in args.sparsities:
@@ -192,6 +205,8 @@ def markdown(results: dict, args, cmd: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct (e.g. gemma3-270m)")
+    p.add_argument("--heal", action="store_true", help="also heal each pruned model (LoRA, cpu preset) and evaluate")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--calib", default="news")

@@ -85,7 +85,7 @@ def input_ids():
 # ---------------------------------------------------------------- families beyond the LLaMA layout
 # (issue 6) Gemma/Gemma-2, Phi-3, OPT, GPT-2 and LLaVA spell their config keys differently; same
 # sizes as TINY. FAMILIES stays the LLaMA-layout set that the older tests assume.
-EXTRA_FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2", "llava"]
+EXTRA_FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2", "llava", "gemma3"]
 ALL_FAMILIES = [*FAMILIES, *EXTRA_FAMILIES]
 TINY_IMAGE_TOKEN = 127  # LLaVA's image placeholder id in the tiny vocabulary
 
@@ -103,6 +103,15 @@ def _extra_config(model_type: str, **overrides):
                                   image_size=30, patch_size=15, projection_dim=32)
         return LlavaConfig(vision_config=vision, text_config=text, image_token_index=TINY_IMAGE_TOKEN,
                            projector_hidden_act="gelu", vision_feature_layer=-1, **overrides)
+    if model_type == "gemma3":  # the multimodal model: a Gemma 3 text tower beside a tiny SigLIP
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        text = tiny_config("gemma3_text", **overrides.pop("text", {}))
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=125,
+                            eoi_token_index=126, image_token_index=TINY_IMAGE_TOKEN, tie_word_embeddings=False,
+                            **overrides)
     if model_type in ("gemma", "gemma2", "gemma3_text", "phi3"):
         base.update(intermediate_size=TINY["intermediate_size"], num_key_value_heads=2, rms_norm_eps=1e-6,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -136,6 +145,10 @@ def _extra_model(model_type: str, **overrides):
     attn = "eager" if model_type == "gemma2" else "sdpa"  # Gemma-2 soft-caps attention logits: no SDPA
     if model_type == "llava":
         return LlavaForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    if model_type == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration
+
+        return Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
@@ -178,10 +191,11 @@ def tiny_checkpoint(tmp_path):
 
 def load_stock(path, model_type: str):
     """Reload a saved tiny checkpoint with stock transformers only (the class a user would use)."""
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     attn = "eager" if model_type == "gemma2" else "sdpa"
-    cls = LlavaForConditionalGeneration if model_type == "llava" else AutoModelForCausalLM
+    cls = {"llava": LlavaForConditionalGeneration, "gemma3": AutoModelForImageTextToText}.get(model_type,
+                                                                                            AutoModelForCausalLM)
     return cls.from_pretrained(path, attn_implementation=attn).eval()
 
 

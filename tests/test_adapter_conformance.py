@@ -207,9 +207,28 @@ def test_llm_pruner_or_a_clear_refusal(any_family, toy_tokenizer, input_ids, tmp
         return
     with torch.no_grad():
         ref = model(input_ids).logits
-    if any_family == "llava":  # LLaVA is a Python-API feature: width checkpoints of it do not reload yet
-        return
     save_pruned(model, None, tmp_path / "lp", report)
     back, _ = load_pruned(tmp_path / "lp")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids).logits, ref, rtol=0, atol=0)
+
+
+def test_slicegpt_or_a_clear_refusal(any_family, toy_tokenizer, input_ids, tmp_path):
+    """SliceGPT's contract: pre-norm RMSNorm blocks are rotated and sliced and reload exactly; any other
+    family is refused with the reason, unchanged."""
+    from fusegpt import api, config_for, load_pruned
+    from fusegpt.slicing import SliceError
+
+    model = tiny_model(any_family)
+    try:
+        model, report = api.compress(model, toy_tokenizer, config_for("slicegpt", sparsity=0.2, nsamples=2, seqlen=32))
+    except SliceError as e:
+        assert any(w in str(e) for w in ("RMSNorm", "pre-norm", "LLaMA-layout", "attn(norm(x))")), e
+        return
+    assert report.steps[0].details["sparsity_achieved"] >= 0.2
+    with torch.no_grad():
+        ref = model(input_ids).logits
+    save_pruned(model, None, tmp_path / "sg", report)
+    back, _ = load_pruned(tmp_path / "sg")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids).logits, ref, rtol=0, atol=0)

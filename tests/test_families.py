@@ -152,3 +152,53 @@ def test_cli_prune_and_eval(family, bpe_tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n_layers"] == 4
     reloaded = load_stock(tmp_path / "out", family)
     assert type(reloaded).__name__ == type(model).__name__
+
+
+def test_gemma3_multimodal_prunes_its_text_tower_only(tmp_path):
+    """Gemma 3 4B+ (Gemma3ForConditionalGeneration): the text tower's adapter, the vision side untouched,
+    layer_types kept consistent, stock reload with an image gives identical logits."""
+    from fusegpt.models.gemma import Gemma3TextAdapter
+
+    model = tiny_model("gemma3")
+    a = get_adapter(model)
+    assert isinstance(a, Gemma3TextAdapter) and a.decoder is model.model.language_model
+    vision = {k: v.clone() for k, v in model.state_dict().items() if "language_model" not in k and "lm_head" not in k}
+    types = list(model.config.text_config.layer_types)
+    remove_blocks(a, [1, 2])
+    assert model.config.text_config.num_hidden_layers == 4
+    assert model.config.text_config.layer_types == [t for i, t in enumerate(types) if i not in (1, 2)]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in vision.items())
+    g = torch.Generator().manual_seed(2)
+    ids = torch.cat([torch.tensor([[125]]), torch.full((1, 4), TINY_IMAGE_TOKEN), torch.tensor([[126]]),
+                     torch.randint(1, 120, (1, 10), generator=g)], 1)
+    pixels = torch.randn(1, 3, 28, 28, generator=g)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        text_only = model(input_ids=ids[:, 6:]).logits
+    assert torch.isfinite(ref).all() and ref.shape[1] == ids.shape[1]
+    save_pruned(model, None, tmp_path / "g3")
+    back = load_stock(tmp_path / "g3", "gemma3")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels).logits, ref, rtol=0, atol=0)
+        torch.testing.assert_close(back(input_ids=ids[:, 6:]).logits, text_only, rtol=0, atol=0)
+
+
+def test_cli_prunes_a_gemma3_multimodal_checkpoint(tmp_path):
+    """The CLI loads a Gemma3ForConditionalGeneration folder with its auto class, prunes its text tower and
+    saves a checkpoint stock transformers reloads."""
+    from transformers import AutoModelForImageTextToText
+
+    from fusegpt.cli import main
+
+    from .conftest import byte_tokenizer
+
+    model = tiny_model("gemma3", text={"vocab_size": 259})
+    path = tmp_path / "g3"
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["alpha beta gamma delta"] * 400))
+    assert main(["prune", "--model", str(path), "--method", "shortgpt", "--sparsity", "0.34", "--calib", str(text),
+                 "--set", "nsamples=2", "--set", "seqlen=32", "--output", str(tmp_path / "out"), "--no-eval"]) == 0
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert back.config.text_config.num_hidden_layers == 3 and len(back.config.text_config.layer_types) == 3

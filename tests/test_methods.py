@@ -14,7 +14,7 @@ from fusegpt.settings import PruneConfig
 
 from .conftest import tiny_config, tiny_model
 
-ALL = ("shortgpt", "sleb", "mi", "mi+ft", "fusegpt", "replaceme", "slimgpt", "llm-pruner", "magnitude")
+ALL = ("shortgpt", "sleb", "mi", "mi+ft", "fusegpt", "replaceme", "slimgpt", "llm-pruner", "magnitude", "slicegpt")
 
 
 def test_every_method_is_one_record():

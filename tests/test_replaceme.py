@@ -224,3 +224,30 @@ def test_linear_fold_leaves_the_group_teacher_alone(text_file, monkeypatch):
     start0, start1 = (r.steps[0].details["groups"][0]["loss_start"] for r in (plain, folded))
     assert start1 < start0  # the map lowers the student's starting loss against the same teacher
     assert folded.steps[0].iterations[0]["linear_fold"][0]["folded"]
+
+
+def test_span_residuals_find_the_linear_span():
+    """The residual table is the least-squares fit's own residual: ~0 for the linear span 1..1, and it
+    equals what fit_spans reports for any span."""
+    from fusegpt.linear_map import span_residuals
+
+    model, _ = _split_subspaces_model()
+    a = get_adapter(model)
+    ids = _calib()
+    r = span_residuals(a, ids, [1, 2], ridge=1e-9)
+    assert r[1].shape == (4,) and r[2].shape == (3,) and r[1][0] == float("inf")
+    assert float(r[1][1]) < 1e-4 < 0.05 < float(r[1][3]) and int(torch.argmin(r[1])) == 1
+    assert float(r[1][2]) == float("inf")  # its predecessor (the linear toy block) has no down projection
+    [fit] = fit_spans(a, ids, [(3, 4)], ridge=1e-9)
+    assert abs(float(r[1][3]) - fit.residual) < 1e-6
+
+
+def test_replaceme_span_choice_by_residual(text_file):
+    model = tiny_model("llama")
+    model, rep = compress(model, ToyTokenizer(), ReplaceMeConfig(sparsity=0.3, nsamples=4, seqlen=32,
+                                                                  calib_source=text_file, span_choice="residual"))
+    d = rep.steps[0].details
+    assert d["span_choice"] == "residual" and len(rep.removed) == 2
+    scores = rep.steps[0].iterations[0]["scores"]
+    start = min(rep.removed)
+    assert scores[str(start)] == min(scores.values())  # the chosen span has the lowest fit residual

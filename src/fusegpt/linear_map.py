@@ -17,7 +17,8 @@ output) and ``Y`` everything else (its input plus its attention output). Replace
 ``T`` is folded into the predecessor's down projection (``W ← Tᵀ·W``, bias ``b ← Tᵀ·b``), so the
 model keeps its parameter count and stays a stock checkpoint. Spans are chosen by the angular
 distance ``arccos(cos(h_s, h_e))/π`` between the hidden states entering the span's first block
-and leaving its last, averaged over calibration tokens (:func:`span_distances`).
+and leaving its last, averaged over calibration tokens (:func:`span_distances`), or, not in the
+paper, by the residual of each candidate's least-squares fit (:func:`span_residuals`).
 
 Everything runs block by block over all windows (``adapter.using``), so under ``--offload`` only
 the block being run is on the device; the states kept between blocks are ``length + 1``
@@ -97,6 +98,83 @@ def span_distances(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequen
         walk(chunks, adapter.contexts(chunks))
     count = calib.shape[0] if last_token else calib.numel()
     return {n: s / count for n, s in sums.items()}
+
+
+@torch.no_grad()
+def span_residuals(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequence[int], ridge: float = 0.0,
+                   batch_size: int = 1) -> dict[int, torch.Tensor]:
+    """``{n: r}`` with ``r[s]`` = the relative residual ``‖M·T − (L − Y)‖ / ‖L − Y‖`` of the least-squares
+    map for the span ``s … s+n−1`` (``s = 1 … L − n``; ``r[0]`` = inf: no predecessor), every span from
+    one pass: the fit ReplaceMe will make, for every candidate, instead of the angular distance.
+
+    Per predecessor ``p`` it accumulates ``MᵀM`` and, per length, ``Mᵀ(L − Y)`` and ``‖L − Y‖²``
+    (fp64, hidden² each); the minimum is ``‖L − Y‖² − tr(Bᵀ(MᵀM + αI)⁻¹B)``. The windows run one at
+    a time when resident (the last ``max(n)+1`` blocks' ``M``, ``Y`` of one window are kept), block by
+    block over all windows when offloaded.
+    """
+    n_layers = adapter.num_layers
+    lengths = sorted(set(lengths))
+    if not lengths or lengths[0] < 1 or lengths[-1] >= n_layers:
+        raise ValueError(f"span lengths {lengths} must lie in 1..{n_layers - 1}")
+    hidden = adapter.config.hidden_size
+    gram = [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n_layers)]
+    cross = {n: [torch.zeros(hidden, hidden, dtype=torch.float64) for _ in range(n_layers - n)] for n in lengths}
+    rr = {n: torch.zeros(n_layers - n, dtype=torch.float64) for n in lengths}
+    no_pred: set[int] = set()
+
+    def walk(chunks: list[torch.Tensor], ctxs: list) -> None:
+        ring: deque[list[tuple[torch.Tensor, torch.Tensor]]] = deque(maxlen=lengths[-1] + 1)
+        for i in range(n_layers):
+            block = adapter.layers[i]
+            with adapter.using([i]):
+                try:
+                    cap: _Capture | None = _Capture(_down_proj(adapter, block))
+                except (LinearMapError, AttributeError):  # no down projection: no span can start after it
+                    cap = None
+                    no_pred.add(i)
+                try:
+                    outs, pairs = [], []
+                    for h, c in zip(chunks, ctxs, strict=True):
+                        out = adapter.run_block(block, h, c, i)
+                        m = cap.out.to(out.device) if cap is not None else torch.zeros_like(out)
+                        outs.append(out)
+                        pairs.append((m.reshape(-1, hidden).double().cpu(), (out - m).reshape(-1, hidden).double().cpu()))
+                finally:
+                    if cap is not None:
+                        cap.remove()
+            chunks = outs
+            for m, _ in pairs:
+                gram[i] += m.T @ m
+            ring.append(pairs)
+            for n in lengths:
+                p = i - n  # block i ends the span p+1 … i
+                if p >= 0:
+                    for (m, y), out in zip(ring[-1 - n], outs, strict=True):
+                        r = out.reshape(-1, hidden).double().cpu() - y
+                        cross[n][p] += m.T @ r
+                        rr[n][p] += (r * r).sum()
+
+    windows = [ids.to(adapter.device) for ids in calib.split(batch_size)]
+    if adapter.offloader is None:
+        for ids in windows:
+            h = adapter.embed(ids)
+            walk([h], adapter.contexts([h]))
+    else:
+        chunks = [adapter.embed(ids) for ids in windows]
+        walk(chunks, adapter.contexts(chunks))
+    eye = torch.eye(hidden, dtype=torch.float64)
+    out: dict[int, torch.Tensor] = {}
+    for n in lengths:
+        res = torch.full((n_layers - n + 1,), float("inf"), dtype=torch.float64)
+        for p in range(n_layers - n):
+            if p in no_pred:
+                continue
+            a = gram[p] + ridge * float(torch.trace(gram[p])) / hidden * eye
+            b = cross[n][p]
+            explained = torch.trace(b.T @ torch.linalg.lstsq(a, b).solution)
+            res[p + 1] = torch.sqrt((rr[n][p] - explained).clamp_min(0) / rr[n][p].clamp_min(1e-300))
+        out[n] = res
+    return out
 
 
 @dataclass

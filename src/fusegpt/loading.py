@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint.gguf.vocab import PRE_KEY as GGUF_PRE_KEY
+from .checkpoint.sliced import SLICED_KEY
 from .checkpoint.width import WIDTH_KEY, is_width_pruned, load_width_pruned
 from .models import adapter_class, check_supported
 from .offload.layerwise import load_offloaded
@@ -196,9 +197,9 @@ def model_config(spec: str | None):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         raw = json.loads((Path(path) / "config.json").read_text())
-        widths = raw.pop(WIDTH_KEY)
-        raw["model_type"] = widths["model_type"]
-        return CONFIG_MAPPING[widths["model_type"]].from_dict(raw)
+        marks = [raw.pop(k, None) for k in (WIDTH_KEY, SLICED_KEY)]
+        raw["model_type"] = next(m for m in marks if m)["model_type"]
+        return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     return read_config(path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..offload import offloader_of
 from ..offload.layerwise import save_offloaded
 from .atomic import atomic_write_dir
-from .width import mark_width_checkpoint
+from .width import mark_width_checkpoint, needs_load_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
     def write(tmp: Path) -> None:
         if offloader_of(model) is not None:  # layer-wise: written block by block
             save_offloaded(model, tmp)
+        elif needs_load_pruned(model):  # read by load_pruned only: the model's own tensor names (transformers 5
+            # would write multimodal models under their legacy names, which load_pruned's strict load does not map)
+            model.save_pretrained(tmp, safe_serialization=True, **_own_names())
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         mark_width_checkpoint(model, tmp)
@@ -36,3 +39,12 @@ def save_pruned(model, tokenizer, path: str | Path, report=None, overwrite: bool
     out = atomic_write_dir(path, write, overwrite, protect)
     logger.info("saved %s", out)
     return out
+
+
+def _own_names() -> dict:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    ok = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+    return {"save_original_format": False} if ok else {}

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models import DecoderAdapter, get_adapter
+from .sliced import SLICED_KEY, apply_sliced_layout, sliced_layout
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,13 @@ _ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 def is_width_pruned(path: str | Path) -> bool:
-    """True for a folder whose config.json carries per-layer widths."""
+    """True for a folder whose config.json carries per-layer widths or a sliced stream (SliceGPT):
+    a checkpoint that :func:`load_width_pruned` (``fusegpt.load_pruned``) rebuilds."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and WIDTH_KEY in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    raw = json.loads(cfg.read_text())
+    return WIDTH_KEY in raw or SLICED_KEY in raw
 
 
 def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:
@@ -73,18 +78,37 @@ def is_width_pruned_model(model: nn.Module) -> bool:
     return any(any(v != uniform[k] for v in vals) for k, vals in widths.items())
 
 
+def needs_load_pruned(model: nn.Module) -> bool:
+    """True for a width-pruned or sliced model: its checkpoint is rebuilt by ``load_pruned``."""
+    return is_width_pruned_model(model) or _sliced_layout(model) is not None
+
+
 def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
-    """If ``model`` is width-pruned, rewrite ``folder/config.json`` as a fusegpt width checkpoint."""
-    if not is_width_pruned_model(model):
+    """If ``model`` is width-pruned or sliced, rewrite ``folder/config.json`` as a fusegpt width checkpoint."""
+    width = is_width_pruned_model(model)
+    sliced = _sliced_layout(model)
+    if not width and sliced is None:
         return False
     path = Path(folder) / "config.json"
     cfg = json.loads(path.read_text())
-    widths = {"format": FORMAT, "model_type": cfg["model_type"], **layer_widths(get_adapter(model)),
-              "note": "per-layer widths of a width-pruned (SlimGPT) checkpoint; load with fusegpt.load_pruned(path)"}
+    real = cfg["model_type"]
+    if width:
+        cfg[WIDTH_KEY] = {"format": FORMAT, "model_type": real, **layer_widths(get_adapter(model)),
+                          "note": "per-layer widths of a width-pruned (SlimGPT) checkpoint; load with "
+                                  "fusegpt.load_pruned(path)"}
+    if sliced is not None:
+        cfg[SLICED_KEY] = {**sliced, "model_type": real}
     cfg["model_type"] = MARKER_MODEL_TYPE
-    cfg[WIDTH_KEY] = widths
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return True
+
+
+def _sliced_layout(model: nn.Module) -> dict | None:
+    try:
+        adapter = get_adapter(model)
+    except Exception:  # families without an adapter are never sliced
+        return None
+    return sliced_layout(adapter)
 
 
 def _shrunk(lin: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
@@ -153,19 +177,24 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
     folder = Path(path)
     raw = json.loads((folder / "config.json").read_text())
     widths = raw.pop(WIDTH_KEY, None)
-    if not widths:
-        raise ValueError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} in config.json)")
-    if widths.get("format", FORMAT) > FORMAT:
+    sliced = raw.pop(SLICED_KEY, None)
+    if not widths and not sliced:
+        raise ValueError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} or {SLICED_KEY} in "
+                         "config.json)")
+    if widths and widths.get("format", FORMAT) > FORMAT:
         raise ValueError(f"{folder} was saved by a newer fusegpt (width format {widths['format']}); upgrade fusegpt")
-    raw["model_type"] = widths["model_type"]
-    config = CONFIG_MAPPING[widths["model_type"]].from_dict(raw)
+    raw["model_type"] = (widths or sliced)["model_type"]
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
     model = _build(config, no_init_weights)
     adapter = get_adapter(model)
-    apply_widths(adapter, widths)
+    if widths:
+        apply_widths(adapter, widths)
+    if sliced:
+        apply_sliced_layout(adapter, sliced)
     state = _read_state(folder)
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -193,5 +222,6 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         finally:
             hf_logging.set_verbosity(prev)
-    logger.info("loaded width-pruned %s (%s, %d layers)", folder, widths["model_type"], adapter.num_layers)
+    logger.info("loaded width-pruned %s (%s, %d layers%s)", folder, raw["model_type"], adapter.num_layers,
+                f", stream sliced to {sliced['embedding']}" if sliced else "")
     return model, tokenizer

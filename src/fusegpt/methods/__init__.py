@@ -7,10 +7,11 @@
     magnitude.py                      width baseline by weight norms (ScoreChooser)
     llm_pruner.py                     LLM-Pruner: Taylor importance, the same chooser
     replaceme.py                      ReplaceMe: spans replaced by a linear map (linear_map.py)
+    slicegpt.py                       SliceGPT: PCA rotation and slicing of the stream (fusegpt.slicing)
     registry.py                       the Method records, lookup by name, chain parsing
 """
 
-from . import fusegpt, llm_pruner, magnitude, mi, mi_ft, replaceme, shortgpt, sleb, slimgpt  # noqa: F401  (each registers itself)
+from . import fusegpt, llm_pruner, magnitude, mi, mi_ft, replaceme, shortgpt, sleb, slicegpt, slimgpt  # noqa: F401  (each registers itself)
 from .block_scoring import BlockPruneConfig
 from .fusegpt import GROUP_TRAIN_PRESETS, FuseGPTConfig, GroupTrainConfig
 from .llm_pruner import LLMPrunerConfig
@@ -21,8 +22,9 @@ from .registry import Method, config_for, get, method_of, names, parse_chain, re
 from .replaceme import ReplaceMeConfig
 from .shortgpt import ShortGPTConfig
 from .sleb import SLEBConfig
+from .slicegpt import SliceGPTConfig
 from .slimgpt import SlimGPTConfig
 
 __all__ = ["GROUP_TRAIN_PRESETS", "BlockPruneConfig", "FuseGPTConfig", "GroupTrainConfig", "LLMPrunerConfig", "MIConfig", "MIFTConfig",
-           "MagnitudeWidthConfig", "Method", "ReplaceMeConfig", "SLEBConfig", "ShortGPTConfig", "SlimGPTConfig", "config_for", "get",
+           "MagnitudeWidthConfig", "Method", "ReplaceMeConfig", "SLEBConfig", "ShortGPTConfig", "SliceGPTConfig", "SlimGPTConfig", "config_for", "get",
            "method_of", "names", "parse_chain", "register"]

@@ -19,7 +19,13 @@ for the maths):
   map instead, not in the paper);
 * ``solver=identity``: no map, the span is just removed (the ablation that shows what the map is
   worth);
-* every span is fitted on the model as it is before any removal, in one pass (as the reference).
+* every span is fitted on the model as it is before any removal, in one pass (as the reference);
+* ``span_choice``: ``distance`` (the paper's angular distance, default) or ``residual`` (not in the
+  paper): rank every candidate span by the relative residual of its own least-squares fit
+  (:func:`fusegpt.linear_map.span_residuals`, one pass, hidden² fp64 sums per candidate). The
+  angular distance averages over tokens and barely sees the one token per window that carries a
+  model's attention sink, so on the embedded model it picks a span starting at the block that
+  writes the sink (blocks 11–18, residual 0.26; RESULTS.md §9); the residual sees it.
 
 Presets: ``paper`` 256 × 1024 calibration tokens (the reference uses 8,000 short chat samples of
 ≤1,024 tokens; every window's states are kept between blocks, so this is sized to fit beside an
@@ -35,7 +41,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..blocks import remove_blocks
-from ..linear_map import SOLVERS, contiguous_runs, fit_spans, fold_into_predecessor, span_distances
+from ..linear_map import (
+    SOLVERS,
+    contiguous_runs,
+    fit_spans,
+    fold_into_predecessor,
+    span_distances,
+    span_residuals,
+)
 from ..memory import EstimateEnv, ModelGeometry, act_bytes
 from ..report import StepReport
 from ..runstate import RunContext
@@ -46,6 +59,8 @@ from .registry import Method, register
 
 logger = logging.getLogger(__name__)
 
+SPAN_CHOICES = ("distance", "residual")
+
 
 @dataclass
 class ReplaceMeConfig(BlockPruneConfig):
@@ -53,12 +68,14 @@ class ReplaceMeConfig(BlockPruneConfig):
 
     method: ClassVar[str] = "replaceme"
     DEFAULTS: ClassVar[dict[str, Any]] = {"spans": 1, "solver": "ls", "ridge": 0.0, "distance_tokens": "all",
+                                          "span_choice": "distance",
                                           "cosine_epochs": 10, "cosine_lr": 1e-4, "cosine_batch": 1024,
                                           "cosine_init": "identity"}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 1024},
                                                     "cpu": {"nsamples": 64, "seqlen": 256}}
 
     spans: int | None = None
+    span_choice: str | None = None
     solver: str | None = None
     ridge: float | None = None
     distance_tokens: str | None = None
@@ -70,6 +87,7 @@ class ReplaceMeConfig(BlockPruneConfig):
     def validate(self) -> None:
         super().validate()
         check_int("spans", self.spans)
+        check_choice("span_choice", self.span_choice, SPAN_CHOICES)
         check_choice("solver", self.solver, (*SOLVERS, "identity"))
         check_float("ridge", self.ridge, 0.0)
         check_choice("distance_tokens", self.distance_tokens, ("all", "last"))
@@ -119,7 +137,10 @@ def replace_spans(ctx: RunContext, cfg: ReplaceMeConfig, step: StepReport) -> No
     k = blocks_to_remove(n_layers, cfg.sparsity)
     calib = calibration_for(ctx, cfg)
     lengths = span_lengths(k, cfg.spans)
-    dist = span_distances(adapter, calib, lengths, last_token=cfg.distance_tokens == "last")
+    if cfg.span_choice == "residual":
+        dist = span_residuals(adapter, calib, lengths, ridge=cfg.ridge)
+    else:
+        dist = span_distances(adapter, calib, lengths, last_token=cfg.distance_tokens == "last")
     first, stop = max(1, cfg.early_barrier), n_layers - cfg.latter_barrier
     runs = contiguous_runs([i for s, e in choose_spans(dist, lengths, first, stop) for i in range(s, e)])
     fits = fit_spans(adapter, calib, runs, solver=cfg.solver, ridge=cfg.ridge, cosine_epochs=cfg.cosine_epochs,
@@ -131,18 +152,19 @@ def replace_spans(ctx: RunContext, cfg: ReplaceMeConfig, step: StepReport) -> No
         if cfg.solver != "identity":
             fold_into_predecessor(adapter, fit.start - 1, fit.transform)
         n = fit.end - fit.start  # a merged span has no row in the selection table: the fit measured it
-        d = dist[n][fit.start] if n in dist else fit.distance
+        d = dist[n][fit.start] if n in dist and cfg.span_choice == "distance" else fit.distance
         spans_info.append({"blocks": [origin[i] for i in range(fit.start, fit.end)], "into": origin[fit.start - 1],
                            "distance": float(d), "residual": fit.residual,
                            "residual_without_map": fit.residual_identity, **fit.info})
         logger.info("replaceme: blocks %s -> linear map in block %d's down projection (distance %.4f, residual "
                     "%.4f; %.4f without the map)", spans_info[-1]["blocks"], spans_info[-1]["into"], float(d),
                     fit.residual, fit.residual_identity)
-    scores = {origin[s]: float(v) for s, v in enumerate(dist[lengths[0]].tolist())}
+    scores = {origin[s]: float(v) for s, v in enumerate(dist[lengths[0]].tolist()) if v != float("inf")}
     removed = remove_blocks(adapter, [i for fit in fits for i in range(fit.start, fit.end)])
     step.add_iteration(scores, removed)
     step.details["spans"] = spans_info
     step.details["solver"] = cfg.solver
+    step.details["span_choice"] = cfg.span_choice
 
 
 def _time(g: ModelGeometry, cfg: ReplaceMeConfig, env: EstimateEnv) -> float:

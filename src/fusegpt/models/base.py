@@ -120,6 +120,11 @@ class DecoderAdapter:
         """Normalisation modules of a block (trainable during group fine-tuning)."""
         return [block.input_layernorm, block.post_attention_layernorm]
 
+    def stream_writers(self) -> list[nn.Linear]:
+        """Linear layers outside the blocks that write into the stream entering block 0 beside the
+        token embeddings (LLaVA's projector); a rotation of that stream must rotate them too."""
+        return []
+
     # ------------------------------------------------------------------ geometry
     @property
     def head_dim(self) -> int:

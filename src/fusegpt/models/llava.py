@@ -1,4 +1,5 @@
-"""Adapter for LLaVA (``LlavaForConditionalGeneration``): prune the language tower only.
+"""Adapters for LLaVA (``LlavaForConditionalGeneration``) and Gemma 3's multimodal models
+(``Gemma3ForConditionalGeneration``): prune the language tower only.
 
 In transformers 5 the text decoder lives at ``model.model.language_model`` (a bare decoder such as
 ``LlamaModel``: ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``) and the LM head at
@@ -29,8 +30,9 @@ _TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 
 @cache
-def _combined(text_cls: type[DecoderAdapter]) -> type[DecoderAdapter]:
-    return type(f"Llava{text_cls.__name__}", (LlavaAdapter, text_cls), {"model_types": ()})
+def _combined(tower_cls: type[DecoderAdapter], text_cls: type[DecoderAdapter]) -> type[DecoderAdapter]:
+    return type(f"{tower_cls.__name__.removesuffix('Adapter')}{text_cls.__name__}", (tower_cls, text_cls),
+                {"model_types": (), "_text_family": text_cls})
 
 
 @register_adapter
@@ -39,15 +41,17 @@ class LlavaAdapter(DecoderAdapter):
 
     model_types = ("llava",)
     auto_class = "AutoModelForImageTextToText"  # not an AutoModelForCausalLM type; its language tower is pruned
+    text_types: tuple[str, ...] = _TEXT_TYPES
+    _text_family: type[DecoderAdapter] | None = None  # set on the combined classes
 
     def __new__(cls, model: nn.Module, origin=None):
-        if cls is not LlavaAdapter:
+        if cls._text_family is not None:
             return super().__new__(cls)
         text_type = model.config.text_config.model_type
-        if text_type not in _TEXT_TYPES:
-            raise ValueError(f"LLaVA with a {text_type!r} language tower is not supported; "
-                             f"supported towers: {', '.join(_TEXT_TYPES)}")
-        return super().__new__(_combined(adapter_class(text_type)))
+        if text_type not in cls.text_types:
+            raise ValueError(f"{model.config.model_type} with a {text_type!r} language tower is not supported; "
+                             f"supported towers: {', '.join(cls.text_types)}")
+        return super().__new__(_combined(cls, adapter_class(text_type)))
 
     def __init__(self, model: nn.Module, origin=None):
         super().__init__(model, origin)
@@ -57,7 +61,27 @@ class LlavaAdapter(DecoderAdapter):
     def decoder(self) -> nn.Module:
         return self.model.model.language_model
 
+    def stream_writers(self) -> list[nn.Linear]:
+        proj = self.model.model.multi_modal_projector
+        return [proj.linear_2] if isinstance(getattr(proj, "linear_2", None), nn.Linear) else []
+
     @property
     def vision_modules(self) -> list[nn.Module]:
         """The modules pruning leaves alone: vision tower and multimodal projector."""
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+
+
+@register_adapter
+class Gemma3VisionAdapter(LlavaAdapter):
+    """Gemma 3's multimodal models (``Gemma3ForConditionalGeneration``, 4B and up): the same layout
+    as LLaVA in transformers 5 (``model.model.language_model`` is a ``Gemma3TextModel``,
+    ``model.lm_head``), with Gemma 3's text adapter for the blocks (local/global layers, RoPE base
+    per kind, soft-capping). The vision tower and projector are never touched; its projector has
+    no linear layer writing the stream (a matrix parameter after an RMSNorm), and Gemma 3's
+    post-norms make SliceGPT refuse it anyway."""
+
+    model_types = ("gemma3",)
+    text_types = ("gemma3_text",)
+
+    def stream_writers(self) -> list[nn.Linear]:
+        return []

@@ -91,6 +91,12 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type not in GGUF_FAMILIES:
         raise ExportError(f"GGUF export supports model types {', '.join(GGUF_FAMILIES)} (GGUF architectures "
                           f"'llama', 'deci' for width-pruned, 'qwen2'); this model is {config.model_type!r}")
+    from ..sliced import is_sliced_model
+
+    if is_sliced_model(get_adapter(model)):
+        raise ExportError("SliceGPT models are not exported to GGUF: their blocks carry shortcut matrices on the "
+                          "residual adds and scale-free norms over a sliced stream, which no llama.cpp architecture "
+                          "has; run them through fusegpt.load_pruned (transformers)")
     _, _, qkv_bias = GGUF_ARCHS[config.model_type]
     arch = gguf_arch(model)
     if arch == WIDTH_ARCH and qkv_bias:
