@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..models import DecoderAdapter
-from ..slicing.modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, set_shortcut
+from ..slicing.modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, replace_module, set_shortcut
 from ..slicing.rotate import ATTN_READERS, MLP_READERS
 
 SLICED_KEY = "fusegpt_sliced"
@@ -50,14 +50,6 @@ def _resized(lin: nn.Linear, in_features: int | None = None, out_features: int |
                      device=lin.weight.device, dtype=lin.weight.dtype)
 
 
-def _set_child(parent: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for name, child in parent.named_children():
-        if child is old:
-            setattr(parent, name, new)
-            return
-    raise ValueError(f"{type(old).__name__} is not a child of {type(parent).__name__}")
-
-
 def apply_sliced_layout(adapter: DecoderAdapter, layout: dict) -> None:
     """Give the (stock, freshly built) model the sliced structure, with uninitialised weights."""
     if layout.get("format", FORMAT) > FORMAT:
@@ -87,10 +79,7 @@ def apply_sliced_layout(adapter: DecoderAdapter, layout: dict) -> None:
         set_shortcut(block, "attn_shortcut_Q", torch.empty(d_in, d_mid), dtype)
         set_shortcut(block, "mlp_shortcut_Q", torch.empty(d_mid, d_out), dtype)
     for lin, d in zip(adapter.stream_writers(), layout.get("stream_writers", []), strict=False):
-        parent = next(m for m in adapter.model.modules() if any(c is lin for c in m.children()))
-        _set_child(parent, lin, _resized(lin, out_features=d))
-    decoder = adapter.decoder
-    _set_child(decoder, adapter.final_norm, SlicedRMSNorm(D, eps))
+        replace_module(adapter.model, lin, _resized(lin, out_features=d))
+    replace_module(adapter.model, adapter.final_norm, SlicedRMSNorm(D, eps))
     head = adapter.lm_head
-    parent = next(m for m in adapter.model.modules() if any(c is head for c in m.children()))
-    _set_child(parent, head, _resized(head, in_features=layout["head"]))
+    replace_module(adapter.model, head, _resized(head, in_features=layout["head"]))

@@ -86,3 +86,13 @@ def is_sliced_block(block: nn.Module) -> bool:
 def set_shortcut(block: nn.Module, name: str, q: torch.Tensor | None, dtype: torch.dtype) -> None:
     """Set ``attn_shortcut_Q`` / ``mlp_shortcut_Q`` (a parameter, or None = identity)."""
     setattr(block, name, None if q is None else nn.Parameter(q.to(dtype).contiguous()))
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` where ``old`` sits under ``root`` (ValueError when it is not there)."""
+    for mod in root.modules():
+        for name, child in mod.named_children():
+            if child is old:
+                setattr(mod, name, new)
+                return
+    raise ValueError(f"{type(old).__name__} is not inside {type(root).__name__}")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import DecoderAdapter
-from .modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, set_shortcut
+from .modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, replace_module, set_shortcut
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,6 @@ def write_rotated(lin: nn.Linear, q: torch.Tensor) -> nn.Linear:
     return _new_linear(lin, W, b)
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for _name, mod in model.named_modules():
-        for child_name, child in mod.named_children():
-            if child is old:
-                setattr(mod, child_name, new)
-                return
-    raise SliceError(f"could not find {type(old).__name__} in the model")
-
-
 def _kept(vals: torch.Tensor, d: int) -> float:
     return float(vals[:d].clamp_min(0).sum() / vals.clamp_min(0).sum())
 
@@ -193,7 +184,7 @@ def rotate_and_slice(adapter: DecoderAdapter, calib: torch.Tensor, dim: int, sli
     # the embeddings (untied from the head: the head reads the last block's basis)
     emb, head = adapter.embed_tokens, adapter.lm_head
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
-        _replace(model, head, _new_linear(head, head.weight.data.clone(), head.bias.data if head.bias is not None
+        replace_module(model, head, _new_linear(head, head.weight.data.clone(), head.bias.data if head.bias is not None
                                           else None))
         head = adapter.lm_head
     _untie_config(model)
@@ -203,7 +194,7 @@ def rotate_and_slice(adapter: DecoderAdapter, calib: torch.Tensor, dim: int, sli
     emb.weight = nn.Parameter((emb.weight.double() @ q_in).to(dtype), requires_grad=emb.weight.requires_grad)
     emb.embedding_dim = dim
     for lin in adapter.stream_writers():  # e.g. LLaVA's projector writes image features into the stream
-        _replace(model, lin, write_rotated(lin, q_in))
+        replace_module(model, lin, write_rotated(lin, q_in))
     chunks = [(h.double() @ q_in).to(dtype) for h in chunks]
 
     bar = tqdm(range(L), desc="slicegpt blocks", unit="block")
@@ -215,8 +206,8 @@ def rotate_and_slice(adapter: DecoderAdapter, calib: torch.Tensor, dim: int, sli
         chunks = info.pop("next")
         rec.layers.append({"layer": adapter.origin[i], **info})
     bar.close()
-    _replace(model, adapter.final_norm, SlicedRMSNorm(D, head_eps))
-    _replace(model, head, read_rotated(head, q_in, head_scale))
+    replace_module(model, adapter.final_norm, SlicedRMSNorm(D, head_eps))
+    replace_module(model, head, read_rotated(head, q_in, head_scale))
     return rec
 
 
@@ -231,7 +222,7 @@ def _slice_block(adapter: DecoderAdapter, block: nn.Module, i: int, q_in: torch.
     for r in roles:
         if r in ATTN_READERS:
             adapter.set_linear(block, r, read_rotated(roles[r], q_in, s1))
-    _replace(block, norm1, SlicedRMSNorm(D, eps1))
+    replace_module(block, norm1, SlicedRMSNorm(D, eps1))
     make_sliced(block)
     set_shortcut(block, "attn_shortcut_Q", q_in.T, dtype)
     set_shortcut(block, "mlp_shortcut_Q", None, dtype)
@@ -245,7 +236,7 @@ def _slice_block(adapter: DecoderAdapter, block: nn.Module, i: int, q_in: torch.
     for r in roles:
         if r in MLP_READERS:
             adapter.set_linear(block, r, read_rotated(roles[r], q_mid, s2))
-    _replace(block, norm2, SlicedRMSNorm(D, eps2))
+    replace_module(block, norm2, SlicedRMSNorm(D, eps2))
     set_shortcut(block, "mlp_shortcut_Q", q_mid.T, dtype)
     outs = [adapter.run_block(block, h, c, i) for h, c in zip(chunks, ctxs, strict=True)]
     vals, q = pca(outs, damp)
