@@ -67,6 +67,7 @@ def test_scores_equal_resident(fam):
 @pytest.mark.parametrize("method,extra", [
     ("mi", {}), ("sleb", {}), ("fusegpt", {"coef_rank": 4, "lr_base": 1e-3}), ("mi+ft", {"lr": 1e-3}),
     ("slimgpt", {}), ("replaceme", {"spans": 2}), ("replaceme", {"solver": "cosine"}),
+    ("replaceme", {"span_choice": "residual"}),
     ("shortgpt", {"linear_fold": "ls", "fold_nsamples": 4, "fold_seqlen": 32}),
     ("mi+ft", {"lr": 1e-3, "linear_fold": "ls", "fold_nsamples": 4, "fold_seqlen": 32}),
 ])

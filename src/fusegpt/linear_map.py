@@ -88,14 +88,7 @@ def span_distances(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequen
                     sums[n][i + 1 - n] += sum(float(angular_distance(a, b).sum())
                                               for a, b in zip(ring[-1 - n], ring[-1], strict=True))
 
-    windows = [ids.to(adapter.device) for ids in calib.split(batch_size)]
-    if adapter.offloader is None:
-        for ids in windows:
-            h = adapter.embed(ids)
-            walk([h], adapter.contexts([h]))
-    else:
-        chunks = [adapter.embed(ids) for ids in windows]
-        walk(chunks, adapter.contexts(chunks))
+    _walk_windows(adapter, calib, batch_size, walk)
     count = calib.shape[0] if last_token else calib.numel()
     return {n: s / count for n, s in sums.items()}
 
@@ -154,14 +147,7 @@ def span_residuals(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequen
                         cross[n][p] += m.T @ r
                         rr[n][p] += (r * r).sum()
 
-    windows = [ids.to(adapter.device) for ids in calib.split(batch_size)]
-    if adapter.offloader is None:
-        for ids in windows:
-            h = adapter.embed(ids)
-            walk([h], adapter.contexts([h]))
-    else:
-        chunks = [adapter.embed(ids) for ids in windows]
-        walk(chunks, adapter.contexts(chunks))
+    _walk_windows(adapter, calib, batch_size, walk)
     eye = torch.eye(hidden, dtype=torch.float64)
     out: dict[int, torch.Tensor] = {}
     for n in lengths:
@@ -175,6 +161,19 @@ def span_residuals(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequen
             res[p + 1] = torch.sqrt((rr[n][p] - explained).clamp_min(0) / rr[n][p].clamp_min(1e-300))
         out[n] = res
     return out
+
+
+def _walk_windows(adapter: DecoderAdapter, calib: torch.Tensor, batch_size: int, walk) -> None:
+    """Call ``walk(chunks, contexts)`` once per window when resident (little memory), once over all windows
+    when offloaded (each block is brought in once)."""
+    windows = [ids.to(adapter.device) for ids in calib.split(batch_size)]
+    if adapter.offloader is None:
+        for ids in windows:
+            h = adapter.embed(ids)
+            walk([h], adapter.contexts([h]))
+    else:
+        chunks = [adapter.embed(ids) for ids in windows]
+        walk(chunks, adapter.contexts(chunks))
 
 
 @dataclass
