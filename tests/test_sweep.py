@@ -121,3 +121,20 @@ def test_zeroshot_brief_reads_both_report_shapes():
     assert _zs_brief(flat) == want
     assert _zs_brief({"tasks": flat, "average": {"acc": 0.35}}) == want
     assert _zs_brief(None) is None
+
+
+def test_sweep_compares_the_width_peers(tiny_checkpoint, tmp_path):
+    """SlimGPT, LLM-Pruner and SliceGPT side by side in one sweep; every cell's checkpoint reloads."""
+    from fusegpt import load_pruned
+
+    path, text = tiny_checkpoint
+    out = tmp_path / "sweep"
+    assert main(["-q", "sweep", "--model", str(path), "--methods", "slimgpt,llm-pruner,slicegpt", "--sparsity", "0.2",
+                 "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--eval-data", str(text),
+                 "--eval-seqlen", "32", "--max-tokens", "128", "--output", str(out), "--no-plots",
+                 "--set", "keep_first=1", "--set", "keep_last=1"]) == 0
+    rows = {r["cell"]: r for r in collect(out)["rows"]}
+    assert set(rows) == {"slimgpt-0.2", "llm-pruner-0.2", "slicegpt-0.2"}
+    for cell in rows:
+        model, _ = load_pruned(out / cell)
+        assert model is not None
