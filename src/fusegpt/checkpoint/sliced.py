@@ -17,8 +17,16 @@ import torch
 from torch import nn
 
 from ..models import DecoderAdapter
-from ..slicing.modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, replace_module, set_shortcut
-from ..slicing.rotate import ATTN_READERS, MLP_READERS
+from ..slicing.modules import (
+    ATTN_READERS,
+    MLP_READERS,
+    PARTS,
+    SlicedRMSNorm,
+    is_sliced_block,
+    make_sliced,
+    replace_module,
+    set_shortcut,
+)
 
 SLICED_KEY = "fusegpt_sliced"
 FORMAT = 1

@@ -34,8 +34,8 @@ from ..models import DecoderAdapter
 from ..report import StepReport
 from ..runstate import RunContext
 from ..settings import PruneConfig, check_bool, check_choice, check_float, check_int
-from ..slicing.modules import PARTS
-from ..slicing.rotate import ATTN_READERS, MLP_READERS, block_roles, check_layout, rotate_and_slice
+from ..slicing.modules import ATTN_READERS, MLP_READERS, PARTS
+from ..slicing.rotate import block_roles, check_layout, rotate_and_slice
 from ..timing import block_flops, seconds
 from .block_scoring import calibration_for
 from .registry import Method, register

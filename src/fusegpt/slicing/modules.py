@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# the linear roles that read the stream (after the attention / MLP norm) and that write it
+ATTN_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+MLP_READERS = ("gate_proj", "up_proj", "gate_up_proj")
+WRITERS = {"o_proj": "attn", "down_proj": "mlp"}
 
 
 class SlicedRMSNorm(nn.Module):

@@ -25,13 +25,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import DecoderAdapter
-from .modules import PARTS, SlicedRMSNorm, is_sliced_block, make_sliced, replace_module, set_shortcut
+from .modules import (
+    ATTN_READERS,
+    MLP_READERS,
+    PARTS,
+    WRITERS,
+    SlicedRMSNorm,
+    is_sliced_block,
+    make_sliced,
+    replace_module,
+    set_shortcut,
+)
 
 logger = logging.getLogger(__name__)
 
-ATTN_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-MLP_READERS = ("gate_proj", "up_proj", "gate_up_proj")
-WRITERS = {"o_proj": "attn", "down_proj": "mlp"}
 
 
 class SliceError(ValueError):
