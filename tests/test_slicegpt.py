@@ -155,7 +155,7 @@ def test_slicegpt_on_the_embedded_model(tmp_path):
     model, tok = load_model()
     model, rep = compress(model, tok, SliceGPTConfig(sparsity=0.2, nsamples=8, seqlen=256))
     d = rep.steps[0].details
-    assert 0.2 <= d["sparsity_achieved"] < 0.21
+    assert 0.2 <= d["sparsity_achieved"] < 0.22  # d' = 400, a multiple of 8: 21.2%
     ppl = evaluate(model, tok, EvalConfig(data=("wiki",), seqlen=256, max_tokens=1024))["wiki"]
     assert ppl < BOUND_20, ppl  # see RESULTS.md §10 for the 16,384-token figures
     back, _ = load_pruned(save_pruned(model, tok, tmp_path / "sg", rep))
