@@ -52,6 +52,9 @@ VARIANTS = {
     "fuse clip 10": ("fusegpt", {"clip_grad": 10.0}),
     "fuse no warm-up": ("fusegpt", {"warmup": 0.0}),
     "fuse mse+cosine": ("fusegpt", {"loss": "mse+cosine"}),
+    "fuse group 4": ("fusegpt", {"group_size": 4}),
+    "ft group 4": ("mi+ft", {"group_size": 4}),
+    "fuse group 12": ("fusegpt", {"group_size": 12}),
 }
 
 
@@ -89,7 +92,9 @@ def main() -> None:
         if spec is not None:
             method, kw = spec
             cfg = config_for(method, preset="cpu", **{**common, **kw}).resolve()
-            info = _fuse_and_train(ad, p, group, ft, method == "fusegpt", 0, 0, cfg)
+            # a variant's own group size trains its own window; the held-out MSE stays on the base group
+            trained = group_window(p, ad.num_layers, cfg.group_size)
+            info = _fuse_and_train(ad, p, trained, ft, method == "fusegpt", 0, 0, cfg)
         held_mse = eval_loss(ad, student, h_in, h_t, "mse", 8)
         remove_blocks(ad, [p])
         ppl = evaluate(model, tok, evalc)["wiki"]
