@@ -53,7 +53,9 @@ class BlockPruneConfig(PruneConfig):
     ``fold_nsamples`` × ``fold_seqlen``, by default :data:`FOLD_WINDOWS` of the preset (a
     d × d map needs many more tokens than a ranking: on the embedded model 8 × 128 tokens overfit
     it, 64 × 256 do not); FuseGPT and MI+FT fold after the group's teacher outputs are taken and
-    before its training.
+    before its training. Why ``none`` stays the default (RESULTS.md §9, embedded model, 25%):
+    it lifts ShortGPT (72.3 → 46.3 ``wiki`` perplexity) but hurts FuseGPT (44.1 → 45.8), and the
+    papers' methods should run as published unless asked.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none"}
