@@ -24,7 +24,11 @@ GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # embedded SmolLM2-135M on 2 CPU cores: sized from measured step times (7 blocks fwd+bwd on 8×256
     # tokens ≈ 2.2 s, one MI ranking on 8×256 ≈ 45 s) to remove 8 of 30 blocks in ~15 min; loss and
     # learning rates from the measurements in ALGORITHMS.md §2 (MSE beat the batch-softmax KL, LoRA
-    # needs ~1e-3); results in benchmarks/results_fusegpt.md
+    # needs ~1e-3); results in benchmarks/results_fusegpt.md. Kept after the one-group study in
+    # benchmarks/RESULTS.md §7 (block 17's group, 16 steps): MSE beat kl-batch and kl-logits (24.52
+    # against 24.79 / 24.84 wiki perplexity), group 8 beat group 4 (24.79), the paper's LoRA rate
+    # 9.65e-6 trains only the coefficients (25.01); lr_coef=1e-2 won on one group (24.39) but lost
+    # over a whole 25% run (45.19 against 44.11), so 1e-3 stays; 48 steps help both methods alike.
     "cpu": dict(group_size=8, lora_rank=32, coef_rank=32, epochs=4, batch_size=8, lr_coef=1e-3,
                 lr_base=1e-3, lr=1e-3, loss="mse", ft_nsamples=32, ft_seqlen=256, max_terms=4, **CPU_RANKING),
 }
