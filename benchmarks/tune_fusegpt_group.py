@@ -6,6 +6,11 @@ once from the same start, then reports the group's output MSE on held-out window
 perplexity of the model with p removed (``wiki`` test, seqlen 512, ``--max-tokens``). Much cheaper
 than a full 8-block run; it does not see the error that piles up over iterations.
 
+``fit_s`` is the group training alone (no evaluation). ``--equal-time`` adds, after the listed
+variants, the FuseGPT/MI+FT pair at equal wall time: both at the preset's steps, timed back to back
+in this process, then the method with the cheaper step once more with its epochs scaled so that its
+training takes as long as the other's (the same load for both, whatever else runs on the machine).
+
     flock /tmp/fusegpt-cpu.lock .venv/bin/python benchmarks/tune_fusegpt_group.py
 """
 
@@ -64,6 +69,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings over the cpu preset for all")
     ap.add_argument("--out", default="benchmarks/out/tune_group.json")
+    ap.add_argument("--equal-time", action="store_true", help="add the FuseGPT / MI+FT pair at equal wall time")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     common = {k: eval(v) if v[:1].isdigit() else v for k, v in (p.split("=", 1) for p in args.set)}
@@ -81,8 +87,8 @@ def main() -> None:
     student = [j for j in group if j != p]
     evalc = EvalConfig(data=("wiki",), seqlen=512, max_tokens=args.max_tokens)
     rows = []
-    for name in args.variants.split(","):
-        spec = VARIANTS[name]
+
+    def run(name: str, spec) -> dict:
         model = copy.deepcopy(dense)
         ad = get_adapter(model)
         h_in = _states_entering(ad, held, group[0], 8)
@@ -95,13 +101,29 @@ def main() -> None:
             # a variant's own group size trains its own window; the held-out MSE stays on the base group
             trained = group_window(p, ad.num_layers, cfg.group_size)
             info = _fuse_and_train(ad, p, trained, ft, method == "fusegpt", 0, 0, cfg)
+        fit_s = time.perf_counter() - t0
         held_mse = eval_loss(ad, student, h_in, h_t, "mse", 8)
         remove_blocks(ad, [p])
         ppl = evaluate(model, tok, evalc)["wiki"]
         row = {"variant": name, "block": p, "held_mse": held_mse, "train_loss": info.get("loss_per_epoch"),
-               "ppl_wiki": ppl, "train_s": round(time.perf_counter() - t0, 1)}
+               "ppl_wiki": ppl, "fit_s": round(fit_s, 1), "train_s": round(time.perf_counter() - t0, 1)}
+        if spec is not None:
+            row["epochs"] = len(info.get("loss_per_epoch") or [])
         rows.append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    for name in [v for v in args.variants.split(",") if v]:
+        run(name, VARIANTS[name])
+    if args.equal_time:
+        pair = {"fusegpt": run("fuse cpu (1e-3/1e-3)", VARIANTS["fuse cpu (1e-3/1e-3)"]),
+                "mi+ft": run("ft lr1e-3", VARIANTS["ft lr1e-3"])}
+        per_step = {m: r["fit_s"] / r["epochs"] for m, r in pair.items()}  # per epoch
+        cheap = min(per_step, key=per_step.get)
+        dear = "mi+ft" if cheap == "fusegpt" else "fusegpt"
+        epochs = max(1, round(r0.epochs * per_step[dear] / per_step[cheap]))
+        kw = dict(VARIANTS["fuse cpu (1e-3/1e-3)" if cheap == "fusegpt" else "ft lr1e-3"][1], epochs=epochs)
+        run(f"{'fuse' if cheap == 'fusegpt' else 'ft'} at {dear}'s wall time ({epochs} epochs)", (cheap, kw))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -165,3 +165,31 @@ def test_fuse_trial_scores_reflect_the_trial(text_file, monkeypatch):
     assert p == 3 and trial == {"1": 0.9, "2": 0.5, "3": 0.1}
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_damp_sinks_scales_only_the_sink_token():
+    from fusegpt.fusion.group_training import damp_sinks
+
+    t = torch.ones(2, 6, 4)
+    t[:, 0] *= 1000.0  # the sink: norm 2000 against a median of 2
+    h = t + 0.1
+    dh, dt = damp_sinks(h, t, 10.0)
+    assert torch.equal(dh[:, 1:], h[:, 1:]) and torch.equal(dt[:, 1:], t[:, 1:])
+    assert dt[:, 0].norm(dim=-1) == pytest.approx(torch.full((2,), 20.0), rel=1e-5)  # 10 × the median
+    assert torch.allclose(dh[:, 0] / h[:, 0], dt[:, 0] / t[:, 0])  # the same factor for student and teacher
+    same = damp_sinks(h, t, 0.0)
+    assert same[0] is h and same[1] is t
+
+
+def test_sink_ratio_reaches_the_group_loss():
+    """A target that differs from the student only on a huge first token: the damped loss is far smaller."""
+    a, norms, x, start_out = _student_setup()
+    t = start_out.clone()
+    t[:, 0] = t[:, 0] * 1000.0
+    plain = eval_loss(a, [1], x, t, "mse", 2)
+    damped = eval_loss(a, [1], x, t, "mse", 2, sink_ratio=5.0)
+    assert damped < plain / 100
+    s = TrainSettings(epochs=1, batch_size=2, lr_coef=0.0, lr_base=1e-2, loss="mse", seed=0, sink_ratio=5.0)
+    assert train_group(a, [1], x, t, [], norms, s).loss_per_epoch[0] < plain / 100
+    with pytest.raises(ValueError, match="sink_ratio"):
+        config_for("fusegpt", preset="cpu", sink_ratio=-1.0)

@@ -62,6 +62,10 @@ class GroupTrainConfig(BlockPruneConfig):
     ``lora_restart``: before a group trains, fold the LoRA pairs its layers kept from earlier groups
     into their frozen weights and start fresh ones (B = 0), instead of continuing trained adapters
     with a fresh optimizer (measured in benchmarks/RESULTS.md §7).
+
+    ``sink_ratio`` (0 = off, not in the paper): in the group loss, tokens whose teacher norm exceeds
+    ``sink_ratio`` × their window's median token norm (the attention-sink token) count relative
+    to their size (``fusion.group_training.damp_sinks``); measured in benchmarks/RESULTS.md §7.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"mi_batch_size": 1, "train_norms": True, "max_retries": 2,
@@ -69,7 +73,7 @@ class GroupTrainConfig(BlockPruneConfig):
                                           "training": "stable", "warmup": 0.1, "clip_grad": 1.0, "val_nsamples": 8,
                                           "keep_best": True, "selection": "mi", "trial_candidates": 4,
                                           "trial_epochs": 1, "trial_rank": 8,
-                                          "lora_restart": False}
+                                          "lora_restart": False, "sink_ratio": 0.0}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = GROUP_TRAIN_PRESETS
 
     group_size: int | None = None
@@ -96,6 +100,7 @@ class GroupTrainConfig(BlockPruneConfig):
     trial_epochs: int | None = None
     trial_rank: int | None = None
     lora_restart: bool | None = None
+    sink_ratio: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -117,6 +122,7 @@ class GroupTrainConfig(BlockPruneConfig):
         check_int("val_nsamples", self.val_nsamples, 0)
         check_bool("keep_best", self.keep_best)
         check_bool("lora_restart", self.lora_restart)
+        check_float("sink_ratio", self.sink_ratio)
         check_choice("selection", self.selection, SELECTIONS)
         for name in ("trial_candidates", "trial_epochs", "trial_rank"):
             check_int(name, getattr(self, name))

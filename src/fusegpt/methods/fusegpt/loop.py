@@ -184,9 +184,9 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         epochs=cfg.epochs, batch_size=bs, lr_coef=cfg.lr_coef if fuse else 0.0,
         lr_base=cfg.lr_base if fuse else cfg.lr, loss=cfg.loss, seed=seed * 1009 + it,
         max_retries=cfg.max_retries, retry_lr_factor=cfg.retry_lr_factor, amp_dtype=amp,
-        warmup=cfg.warmup, clip_grad=cfg.clip_grad, keep_best=cfg.keep_best,
+        warmup=cfg.warmup, clip_grad=cfg.clip_grad, keep_best=cfg.keep_best, sink_ratio=cfg.sink_ratio,
     )
-    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs)}
+    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio)}
     if folds:
         info["linear_fold"] = folds
     for q in (*lora, *coef, *norms):
@@ -202,7 +202,7 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             q.data = q.data.to(dt)
     failed = res.diverged
     if not res.diverged:
-        info["loss_end"] = eval_loss(adapter, student, inputs, targets, cfg.loss, bs)
+        info["loss_end"] = eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio)
         info["worse"] = info["loss_end"] >= info["loss_start"]
         failed = cfg.revert_if_worse and info["worse"]
     info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
@@ -224,7 +224,7 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         for fl in fused:
             fl.merge_oldest(cfg.max_terms)
     if val_pair is not None:
-        info["val_end"] = eval_loss(adapter, student, val_pair[0], val_pair[1], cfg.loss, bs)
+        info["val_end"] = eval_loss(adapter, student, val_pair[0], val_pair[1], cfg.loss, bs, cfg.sink_ratio)
     return info
 
 
