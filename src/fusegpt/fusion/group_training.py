@@ -19,7 +19,7 @@ Losses (``loss`` setting), with H the student and T the teacher output, (batch, 
 ``sink_ratio · median / norm`` (:func:`damp_sinks`), so its error counts relative to its size.
 Why: the first token of every window carries the model's massive "attention sink" activation
 (norm ~23,000 against a median of ~200 on the embedded model, RESULTS.md §7); a 1% drift of that
-one token's norm weighs as much in the MSE as ~30 ordinary tokens' whole error, so training
+one token's norm weighs as much in the MSE as ~40 ordinary tokens' whole error, so training
 spends itself on the sink, and groups that contain the blocks writing it jump in their first epoch.
 """
 
