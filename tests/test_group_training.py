@@ -117,8 +117,9 @@ def test_stable_defaults_no_group_ends_worse_than_it_started(text_file):
 
 def test_training_paper_is_the_reference_procedure(text_file, monkeypatch):
     r = config_for("fusegpt", training="paper").resolve()
-    assert (r.warmup, r.clip_grad, r.val_nsamples, r.keep_best) == (0.0, 0.0, 0, False)
+    assert (r.warmup, r.clip_grad, r.val_nsamples, r.keep_best, r.sink_ratio) == (0.0, 0.0, 0, False, 0.0)
     assert r.origins["warmup"] == "training paper"
+    assert config_for("fusegpt").resolve().sink_ratio == 10.0  # the stable default
     r = config_for("fusegpt", training="paper", clip_grad=0.5).resolve()
     assert r.clip_grad == 0.5 and r.origins["clip_grad"] == "explicit"
     seen = []
