@@ -27,10 +27,10 @@ GROUP_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # needs ~1e-3); results in benchmarks/results_fusegpt.md. Kept after the one-group study in
     # benchmarks/RESULTS.md §7 (block 17's group, 16 steps): MSE beat kl-batch and kl-logits (24.52
     # against 24.79 / 24.84 wiki perplexity), group 8 beat group 4 (24.79), the paper's LoRA rate
-    # 9.65e-6 trains only the coefficients (25.01); lr_coef=1e-2 won on one group (24.39) but lost
-    # over a whole 25% run (45.19 against 44.11), so 1e-3 stays; 48 and 80 steps help both methods
-    # alike; the stable defaults' sink damping (sink_ratio=10) took the 25% run to 41.73 / 56.79.
-    # With sink damping the larger rates hold over a whole run (2026-12-01, RESULTS.md §7, 25%):
+    # 9.65e-6 trains only the coefficients (25.01); lr_coef=1e-2 won on one group (24.39) but,
+    # without sink damping, lost over a whole 25% run (45.19 against 44.11); 48 and 80 steps help
+    # both methods alike; the stable defaults' sink damping (sink_ratio=10) took the 25% run to
+    # 41.73 / 56.79. With it the larger rates hold over a whole run (2026-12-01, RESULTS.md §7, 25%):
     # FuseGPT lr_coef 1e-2 gave 39.12 / 53.34 against 41.73 / 56.79 at 1e-3, MI+FT lr 3e-3 gave
     # 40.62 / 55.73 against 42.38 / 57.41; without damping lr_coef 1e-2 blew groups up (45.19).
     "cpu": dict(group_size=8, lora_rank=32, coef_rank=32, epochs=4, batch_size=8, lr_coef=1e-2,
