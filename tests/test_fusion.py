@@ -275,8 +275,8 @@ def test_divergence_retry_then_fallback(text_file, monkeypatch):
     real = fusion_train.make_loss
     calls = {"n": 0}
 
-    def flaky(name, adapter=None):
-        fn = real(name, adapter)
+    def flaky(name, adapter=None, sink_ratio=0.0):
+        fn = real(name, adapter, sink_ratio)
 
         def loss(h, t):
             out = fn(h, t)
@@ -291,8 +291,8 @@ def test_divergence_retry_then_fallback(text_file, monkeypatch):
     its = report.steps[0].iterations
     assert its[0]["retries"] >= 1 and its[0]["fused"] and math.isclose(its[0]["lr_scale"], 0.1 ** its[0]["retries"])
 
-    def always_nan(name, adapter=None):
-        fn = real(name, adapter)
+    def always_nan(name, adapter=None, sink_ratio=0.0):
+        fn = real(name, adapter, sink_ratio)
         return lambda h, t: fn(h, t) * (float("nan") if torch.is_grad_enabled() else 1.0)
 
     monkeypatch.setattr(fusion_train, "make_loss", always_nan)

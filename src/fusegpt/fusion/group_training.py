@@ -84,8 +84,17 @@ def damp_sinks(h: torch.Tensor, t: torch.Tensor, ratio: float) -> tuple[torch.Te
     return h * w, t * w
 
 
-def make_loss(name: str, adapter: DecoderAdapter | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss function of ``name`` (one of :data:`LOSSES`)."""
+def make_loss(name: str, adapter: DecoderAdapter | None = None,
+              sink_ratio: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function of ``name`` (one of :data:`LOSSES`), with sinks damped (:func:`damp_sinks`)
+    when ``sink_ratio`` > 0."""
+    fn = _plain_loss(name, adapter)
+    if sink_ratio <= 0:
+        return fn
+    return lambda h, t: fn(*damp_sinks(h, t, sink_ratio))
+
+
+def _plain_loss(name: str, adapter: DecoderAdapter | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if name == "kl-batch":
         return kl_batch_loss
     if name == "mse":
@@ -217,7 +226,7 @@ def train_group(
     amp = settings.amp_dtype is not None and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp and settings.amp_dtype == torch.float16 else None
     autocast = (lambda: torch.autocast("cuda", dtype=settings.amp_dtype)) if amp else nullcontext
-    loss_fn = make_loss(settings.loss, adapter)
+    loss_fn = make_loss(settings.loss, adapter, settings.sink_ratio)
     n = inputs.shape[0]
     bs = min(settings.batch_size, n)
     n_batches = math.ceil(n / bs)
@@ -252,7 +261,7 @@ def train_group(
                     g["lr"] = g["base_lr"] * factor
                 with autocast():
                     out = run_group(adapter, student, x, ctx_by_bs[x.shape[0]])
-                    loss = loss_fn(*damp_sinks(out.float(), t.float(), settings.sink_ratio))
+                    loss = loss_fn(out.float(), t.float())
                 if not torch.isfinite(loss):
                     raise Diverged(f"non-finite loss at step {step}")
                 opt.zero_grad(set_to_none=True)
@@ -313,7 +322,7 @@ def train_group(
 def eval_loss(adapter: DecoderAdapter, student: Sequence[int], inputs: torch.Tensor, targets: torch.Tensor,
               loss: str, batch_size: int, sink_ratio: float = 0.0) -> float:
     """Mean loss of the current student over all samples (no gradients), sinks damped as in training."""
-    fn = make_loss(loss, adapter)
+    fn = make_loss(loss, adapter, sink_ratio)
     tot, cnt = 0.0, 0
     ctx = None
     for x, t in zip(inputs.split(batch_size), targets.split(batch_size), strict=True):
@@ -321,6 +330,6 @@ def eval_loss(adapter: DecoderAdapter, student: Sequence[int], inputs: torch.Ten
         if ctx is None or ctx.position_ids.shape[-1] != x.shape[1] or x.shape[0] != batch_size:
             ctx = adapter.context(x)
         out = run_group(adapter, student, x, ctx)
-        tot += float(fn(*damp_sinks(out.float(), t.float(), sink_ratio))) * x.shape[0]
+        tot += float(fn(out.float(), t.float())) * x.shape[0]
         cnt += x.shape[0]
     return tot / max(cnt, 1)
