@@ -35,6 +35,12 @@ from fusegpt.importance import lowest, mi_scores  # noqa: E402
 from fusegpt.methods.fusegpt.loop import _fuse_and_train, _group_outputs, _states_entering  # noqa: E402
 from fusegpt.models import get_adapter  # noqa: E402
 
+# The settings the probe table in RESULTS.md §7 was measured with (the ``cpu`` preset before
+# 2026-12-01): rates 1e-3 and no sink damping, under every variant's own settings and ``--set``.
+PROBE_BASE = {"fusegpt": {"lr_coef": 1e-3, "sink_ratio": 0.0}, "mi+ft": {"lr": 1e-3, "sink_ratio": 0.0}}
+# the pair that ``--equal-time`` times, one per method
+EQUAL_TIME = {"fusegpt": "fuse cpu (1e-3/1e-3)", "mi+ft": "ft lr1e-3"}
+
 VARIANTS = {
     "removal": None,
     "ft lr1e-3": ("mi+ft", {"lr": 1e-3}),
@@ -97,7 +103,7 @@ def main() -> None:
         info = {}
         if spec is not None:
             method, kw = spec
-            cfg = config_for(method, preset="cpu", **{**common, **kw}).resolve()
+            cfg = config_for(method, preset="cpu", **{**PROBE_BASE[method], **common, **kw}).resolve()
             # a variant's own group size trains its own window; the held-out MSE stays on the base group
             trained = group_window(p, ad.num_layers, cfg.group_size)
             info = _fuse_and_train(ad, p, trained, ft, method == "fusegpt", 0, 0, cfg)
@@ -116,13 +122,14 @@ def main() -> None:
     for name in [v for v in args.variants.split(",") if v]:
         run(name, VARIANTS[name])
     if args.equal_time:
-        pair = {"fusegpt": run("fuse cpu (1e-3/1e-3)", VARIANTS["fuse cpu (1e-3/1e-3)"]),
-                "mi+ft": run("ft lr1e-3", VARIANTS["ft lr1e-3"])}
-        per_step = {m: r["fit_s"] / r["epochs"] for m, r in pair.items()}  # per epoch
-        cheap = min(per_step, key=per_step.get)
-        dear = "mi+ft" if cheap == "fusegpt" else "fusegpt"
-        epochs = max(1, round(r0.epochs * per_step[dear] / per_step[cheap]))
-        kw = dict(VARIANTS["fuse cpu (1e-3/1e-3)" if cheap == "fusegpt" else "ft lr1e-3"][1], epochs=epochs)
+        per_epoch = {}
+        for method, name in EQUAL_TIME.items():
+            row = run(name, VARIANTS[name])
+            per_epoch[method] = row["fit_s"] / row["epochs"]
+        cheap = min(per_epoch, key=per_epoch.get)
+        dear = next(m for m in per_epoch if m != cheap)
+        epochs = max(1, round(r0.epochs * per_epoch[dear] / per_epoch[cheap]))
+        kw = dict(VARIANTS[EQUAL_TIME[cheap]][1], epochs=epochs)
         run(f"{'fuse' if cheap == 'fusegpt' else 'ft'} at {dear}'s wall time ({epochs} epochs)", (cheap, kw))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
