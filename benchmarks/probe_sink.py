@@ -6,7 +6,7 @@ from its group of 8, and prints on 8 held-out ``wiki`` windows of 256 tokens: th
 share of the squared error on token 0, the MSE without token 0 and token 0's output norm (student /
 teacher), once before and once after one group training with the ``cpu`` preset and ``--set``.
 
-    python benchmarks/probe_sink.py --block 12 --set lr_coef=0.01 warmup=0.25 keep_best=False
+    python benchmarks/probe_sink.py --block 12 --set lr_coef=0.01 warmup=0.25 keep_best=False sink_ratio=0
 """
 
 from __future__ import annotations
