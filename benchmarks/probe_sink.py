@@ -58,7 +58,7 @@ def main() -> None:
 
     show(f"block {args.block} removed from {group}, before training")
     info = _fuse_and_train(ad, args.block, group, ft, args.method == "fusegpt", 0, 0, cfg)
-    print("training loss per epoch", [round(x, 4) for x in info["loss_per_epoch"]])
+    print("training loss per epoch", [round(x, 4) for x in info.loss_per_epoch])
     show("after training")
 
 

@@ -106,7 +106,7 @@ def main() -> None:
             cfg = config_for(method, preset="cpu", **{**PROBE_BASE[method], **common, **kw}).resolve()
             # a variant's own group size trains its own window; the held-out MSE stays on the base group
             trained = group_window(p, ad.num_layers, cfg.group_size)
-            info = _fuse_and_train(ad, p, trained, ft, method == "fusegpt", 0, 0, cfg)
+            info = _fuse_and_train(ad, p, trained, ft, method == "fusegpt", 0, 0, cfg).to_dict()
         fit_s = time.perf_counter() - t0
         held_mse = eval_loss(ad, student, h_in, h_t, "mse", 8)
         remove_blocks(ad, [p])

@@ -232,3 +232,28 @@ def test_slicegpt_or_a_clear_refusal(any_family, toy_tokenizer, input_ids, tmp_p
     back, _ = load_pruned(tmp_path / "sg")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids).logits, ref, rtol=0, atol=0)
+
+
+def test_uniform_width_is_a_stock_checkpoint_or_a_clear_refusal(any_family, toy_tokenizer, input_ids, tmp_path):
+    """layout=uniform: every block the same heads, K/V heads and FFN width, written into the config, so
+    stock from_pretrained rebuilds the pruned model with identical logits (no fusegpt code)."""
+    import json
+
+    from fusegpt import ConfigError, api, config_for
+
+    model = tiny_model(any_family)
+    cfg = config_for("slimgpt", sparsity=0.3, nsamples=2, seqlen=32, layout="uniform")
+    try:
+        model, report = api.compress(model, toy_tokenizer, cfg)
+    except ConfigError as e:
+        assert "width pruning needs" in str(e)
+        return
+    assert report.steps[0].details["layout"] == "uniform"
+    with torch.no_grad():
+        ref = model(input_ids).logits
+    save_pruned(model, None, tmp_path / "u", report)
+    saved = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert "fusegpt" not in saved["model_type"] and "fusegpt_widths" not in saved
+    back = load_stock(tmp_path / "u", any_family)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids).logits, ref, rtol=0, atol=0)

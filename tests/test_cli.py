@@ -32,7 +32,7 @@ def test_prune_then_eval_json(tiny_checkpoint, tmp_path, capsys):
     "case, message",
     [
         ("missing_model", "does not exist"),
-        ("sparsity_high", "sparsity must be in (0, 1)"),
+        ("sparsity_high", "sparsity must be a number in (0, 1)"),
         ("sparsity_all", "removes all"),
         ("empty_data", "is empty"),
         ("short_data", "fewer than nsamples × seqlen"),

@@ -23,8 +23,8 @@ def test_heal_lowers_the_loss_and_merges(text_file, tmp_path):
     model = tiny_model("llama")
     cfg = HealConfig(source=text_file, nsamples=8, seqlen=32, epochs=3, lr=5e-3, batch_size=4)
     healed, rec = heal(model, ToyTokenizer(), cfg)
-    assert rec["loss_after"] < rec["loss_before"] and rec["steps"] == 6
-    assert rec["settings"]["origins"]["lr"] == "explicit" and rec["settings"]["origins"]["lora_rank"] == "preset cpu"
+    assert rec.loss_after < rec.loss_before and rec.steps == 6
+    assert rec.settings["origins"]["lr"] == "explicit" and rec.settings["origins"]["lora_rank"] == "preset cpu"
     assert type(healed).__name__ == "LlamaForCausalLM"
     assert not any("lora" in n for n, _ in healed.named_modules())
     assert all(isinstance(m, nn.Linear) for n, m in healed.named_modules() if n.endswith("q_proj"))
@@ -45,7 +45,7 @@ def test_cli_heal_after_prune_and_on_a_width_checkpoint(tiny_checkpoint, tmp_pat
     assert main(["-q", "prune", "--model", str(path), "--method", "mi", "--sparsity", "0.3", *common,
                  "--output", str(out), "--heal", *heal_set]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["extra"]["heal"]["steps"] == 1 and set(rep["perplexity"]) == {"before", "after", "healed"}
+    assert rep["heal"]["steps"] == 1 and set(rep["perplexity"]) == {"before", "after", "healed"}
     assert "healed" in capsys.readouterr().out
     slim = tmp_path / "slim"
     assert main(["-q", "prune", "--model", str(path), "--method", "slimgpt", "--sparsity", "0.3", *common,
@@ -55,7 +55,7 @@ def test_cli_heal_after_prune_and_on_a_width_checkpoint(tiny_checkpoint, tmp_pat
                  "--set", "nsamples=4", "--set", "seqlen=32", "--set", "epochs=2", "--eval-data", str(text),
                  "--eval-seqlen", "32", "--max-tokens", "256"]) == 0
     rep = json.loads((healed / "report.json").read_text())
-    assert rep["method"] == "slimgpt" and rep["extra"]["heal"]["loss_after"] < rep["extra"]["heal"]["loss_before"]
+    assert rep["method"] == "slimgpt" and rep["heal"]["loss_after"] < rep["heal"]["loss_before"]
     from fusegpt import load_pruned
 
     m, _ = load_pruned(healed)

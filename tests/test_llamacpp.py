@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 LIMITS = {"f32": (1e-3, 1.0), "f16": (3e-3, 0.98), "bf16": (1.5e-2, 0.95), "q8_0": (3e-2, 0.9)}
 
 
-def _run_llama_cpp(path, ids: list[int]) -> np.ndarray:
+def _run_llama_cpp(path, ids: list[int]) -> np.ndarray:  # noqa: D401
     """llama.cpp's logits at every position of ``ids`` (one thread, context = len(ids))."""
     llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(ids)), n_batch=len(ids), n_threads=1, n_threads_batch=1,
                           logits_all=True, verbose=False, seed=0)
@@ -126,3 +126,62 @@ def test_pruned_embedded_model_in_llama_cpp(tmp_path):
         llm.close()
         rel, top1 = _compare(model, out, ids)
         assert rel < 1e-2 and top1 >= 0.95, (method, rel, top1)
+
+
+# k-quants, measured on the 256-wide random tiny model below (rows a multiple of the 256-value super-block),
+# relative error / top-1 agreement over seeds 1-3: q6_k 0.052-0.053 / 0.86-0.94, q5_k_m 0.085-0.099 /
+# 0.67-0.89, q4_k_m 0.17-0.19 / 0.59-0.70 (q8_0: 0.017 / 0.94-1.0). A random model's logits are nearly
+# flat, so top-1 flips easily; the relative error is the sharp bound (about 1.5x the measured one).
+K_LIMITS = {"q6_k": (0.08, 0.75), "q5_k_m": (0.14, 0.55), "q4_k_m": (0.28, 0.45)}
+
+
+@pytest.mark.parametrize("dtype", sorted(K_LIMITS))
+def test_k_quant_files_load_in_llama_cpp_and_agree(tmp_path, bpe_tokenizer, dtype):
+    """The k-quants users download, made by llama.cpp's own quantiser from our f16 export."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from fusegpt.checkpoint.gguf import RUN_ID_KEY, export_gguf
+
+    model = tiny_model("llama", vocab_size=300, seed=1, hidden_size=256, intermediate_size=512,
+                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    out = export_gguf(model, bpe_tokenizer, tmp_path / f"k-{dtype}.gguf", dtype=dtype)
+    reader = GGUFReader(str(out))
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    k_types = {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+    assert kinds["blk.0.ffn_up.weight"] in k_types and RUN_ID_KEY in reader.fields  # quantised, still ours
+    assert not list(tmp_path.glob(".*tmp"))
+    ids = bpe_tokenizer(BPE_TEXT[:300])["input_ids"][:64]
+    rel, top1 = _compare(model, out, ids)
+    max_rel, min_top1 = K_LIMITS[dtype]
+    assert rel < max_rel and top1 >= min_top1, (dtype, rel, top1)
+
+
+def test_uniform_width_model_is_an_ordinary_llama_in_llama_cpp(tmp_path, bpe_tokenizer, toy_tokenizer):
+    from fusegpt import api, config_for
+    from fusegpt.checkpoint.gguf import export_gguf, gguf_arch
+
+    model = tiny_model("llama", vocab_size=300, seed=1)
+    model, _ = api.compress(model, toy_tokenizer, config_for("slimgpt", sparsity=0.3, nsamples=2, seqlen=32,
+                                                             layout="uniform", align=32))
+    assert gguf_arch(model) == "llama" and model.config.intermediate_size % 32 == 0
+    out = export_gguf(model, bpe_tokenizer, tmp_path / "u.gguf", dtype="f16")
+    ids = bpe_tokenizer(BPE_TEXT[:300])["input_ids"][:64]
+    rel, top1 = _compare(model, out, ids)
+    assert rel < LIMITS["f16"][0] and top1 >= LIMITS["f16"][1], (rel, top1)
+
+
+def test_bench_runtime_llamacpp(tmp_path, bpe_tokenizer, capsys):
+    from fusegpt.checkpoint import save_pruned
+    from fusegpt.cli import main
+
+    save_pruned(tiny_model("llama", vocab_size=300), bpe_tokenizer, tmp_path / "dense")
+    save_pruned(_depth_pruned(), bpe_tokenizer, tmp_path / "depth")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--runtime", "llamacpp", "--model", str(tmp_path / "dense"), "--model", str(tmp_path / "depth"),
+                 "--dtypes", "f16,q8_0", "--rounds", "2", "--output", str(out)]) == 0
+    assert "pp512" in capsys.readouterr().out
+    res = __import__("json").loads(out.read_text())
+    assert res["runtime"] == "llamacpp" and res["models"][1]["layers"] == 4
+    cell = res["models"][1]["cells"]["q8_0"]
+    assert cell["pp"]["n"] == 2 and cell["tg"]["median"] > 0 and cell["pp_speedup"] > 0
+    assert res["models"][1]["ideal_speedup_blocks"] == pytest.approx(1.5)

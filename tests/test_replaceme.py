@@ -170,7 +170,9 @@ def test_cli_replaceme_and_linear_fold(tiny_checkpoint, tmp_path, capsys):
     path, text = tiny_checkpoint
     common = ["--model", str(path), "--sparsity", "0.34", "--calib", str(text), "--nsamples", "2", "--seqlen", "16",
               "--no-eval"]
-    assert main(["prune", "--method", "replaceme", "--set", "spans=2", "--output", str(tmp_path / "rm"), *common]) == 0
+    enough = ["--model", str(path), "--sparsity", "0.34", "--calib", str(text), "--nsamples", "8", "--seqlen", "16",
+              "--no-eval"]  # a 64 × 64 least-squares map needs at least 64 tokens
+    assert main(["prune", "--method", "replaceme", "--set", "spans=2", "--output", str(tmp_path / "rm"), *enough]) == 0
     rep = json.loads((tmp_path / "rm" / "report.json").read_text())
     assert len(rep["steps"][0]["details"]["spans"]) in (1, 2) and len(rep["steps"][0]["removed"]) == 3
     assert main(["prune", "--method", "sleb", "--set", "linear_fold=ls", "--output", str(tmp_path / "sl"), *common]) == 0

@@ -173,7 +173,7 @@ def test_heal_trains_a_sliced_model_and_it_still_reloads(text_file, tmp_path):
     model, rep = compress(tiny_model("llama"), ToyTokenizer(), SliceGPTConfig(sparsity=0.2, nsamples=4, seqlen=32))
     healed, rec = heal(model, ToyTokenizer(), HealConfig(source=text_file, nsamples=8, seqlen=32, epochs=3, lr=5e-3,
                                                          batch_size=4))
-    assert rec["loss_after"] < rec["loss_before"]
+    assert rec.loss_after < rec.loss_before
     assert not any("lora" in n for n, _ in healed.named_modules())
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     ref = _logits(healed, ids)

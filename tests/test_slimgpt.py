@@ -250,3 +250,39 @@ def test_surgery_equals_masking(fam, kw, rule):
     ids = torch.randint(1, 128, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["slimgpt", "magnitude", "llm-pruner"])
+def test_aligned_widths_are_multiples_and_meet_the_budget(method):
+    """align=32: every kept FFN width and heads × head_dim is a multiple of 32 (or unpruned); the
+    units are still the method's choice (OBS-compensated for SlimGPT), the budget still met."""
+    from fusegpt import config_for
+
+    model = tiny_model("llama", intermediate_size=160)
+    extra = {"keep_first": 1, "keep_last": 1} if method == "llm-pruner" else {}
+    model, report = compress(model, ToyTokenizer(), config_for(method, sparsity=0.3, align=32, **CALIB, **extra))
+    d = report.steps[0].details
+    a = get_adapter(model)
+    for b in a.layers:
+        ffn, heads = a.intermediate_size(b), a.num_heads(b)
+        assert ffn % 32 == 0 or ffn == 160, ffn
+        assert (heads * a.head_dim) % 32 == 0 or heads == 4
+    assert d["sparsity_achieved"] >= 0.3 and any(x["ffn"][1] < 160 for x in d["layers"])
+    unaligned = compress(tiny_model("llama", intermediate_size=160), ToyTokenizer(),
+                         config_for(method, sparsity=0.3, **CALIB, **extra))[1].steps[0].details
+    assert any(x["ffn"][1] % 32 for x in unaligned["layers"])  # the test's model does need the rounding
+
+
+def test_layout_uniform_refusals():
+    from fusegpt import config_for
+
+    with pytest.raises(ConfigError, match="schedule=log_increase"):
+        config_for("slimgpt", sparsity=0.3, layout="uniform", schedule="log_increase")
+    with pytest.raises(ConfigError, match="keep_first"):
+        config_for("llm-pruner", sparsity=0.3, layout="uniform", keep_first=2).resolve("cpu")
+    cfg = config_for("llm-pruner", sparsity=0.3, layout="uniform").resolve("cpu")
+    assert cfg.keep_first == 0 and cfg.origins["keep_first"] == "layout uniform"
+    model = tiny_model("llama")
+    model, _ = compress(model, ToyTokenizer(), config_for("slimgpt", sparsity=0.3, **CALIB))  # per-layer widths
+    with pytest.raises(ConfigError, match="equal widths"):
+        compress(model, ToyTokenizer(), config_for("slimgpt", sparsity=0.5, layout="uniform", **CALIB))

@@ -138,3 +138,22 @@ def test_sweep_compares_the_width_peers(tiny_checkpoint, tmp_path):
     for cell in rows:
         model, _ = load_pruned(out / cell)
         assert model is not None
+
+
+def test_sweep_quality_vs_speed_table(tiny_checkpoint, tmp_path):
+    from fusegpt.bench import pareto
+    from fusegpt.sweep import quality_vs_speed
+
+    path, text = tiny_checkpoint
+    out = tmp_path / "sweep"
+    assert _sweep(path, text, out, "--speed", "torch", "--speed-rounds", "2") == 0
+    table = json.loads((out / "sweep.json").read_text())
+    speeds = table["speed"]["torch"]
+    assert set(speeds) == {"dense", "shortgpt-0.2", "shortgpt-0.4", "mi-0.2", "mi-0.4"}
+    assert speeds["dense"]["pp"] == pytest.approx(1.0) and speeds["mi-0.4"]["ideal"] == pytest.approx(2.0)
+    pts = quality_vs_speed(table, "torch", str(text))
+    assert len(pts) == 5 and any(p["front"] for p in pts)
+    assert pts == sorted(pts, key=lambda p: -min(p["pp"], p["tg"]))
+    assert "Quality vs speed in torch" in (out / "sweep.md").read_text()
+    assert pareto([(1.0, 10.0), (1.5, 12.0), (1.4, 13.0), (2.0, 20.0)]) == [True, True, False, True]
+    assert _sweep(path, text, tmp_path / "s2", "--speed", "llamacpp:q3_k") == 2  # refused before any work

@@ -87,8 +87,11 @@ def test_local_tasks_acc_and_acc_norm(tiny_lm, tmp_path):
 
 
 def test_cli_eval_tasks_json_and_report(tiny_checkpoint, tmp_path, capsys):
-    path, _text = tiny_checkpoint
-    (path / "report.json").write_text(json.dumps({"method": "mi", "extra": {}}))
+    src, text = tiny_checkpoint
+    path = tmp_path / "mi"  # a folder fusegpt wrote, with its report (eval --tasks adds to it)
+    assert main(["-q", "prune", "--model", str(src), "--method", "mi", "--sparsity", "0.3", "--calib", str(text),
+                 "--nsamples", "2", "--seqlen", "16", "--no-eval", "--output", str(path)]) == 0
+    capsys.readouterr()
     tasks = _write_tasks(tmp_path / "tasks")
     assert main(["eval", "--model", str(path), "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "3",
                  "--num-fewshot", "0", "--batch-size", "2", "--json"]) == 0
@@ -97,6 +100,8 @@ def test_cli_eval_tasks_json_and_report(tiny_checkpoint, tmp_path, capsys):
     assert res["zeroshot"]["num_fewshot"] == 0
     rep = json.loads((path / "report.json").read_text())
     assert rep["method"] == "mi" and rep["extra"]["zeroshot"]["tiny_mc"]["settings"]["limit"] == 3
+    assert main(["-q", "prune", "--model", str(src), "--method", "mi", "--sparsity", "0.3", "--calib", str(text),
+                 "--nsamples", "2", "--seqlen", "16", "--no-eval", "--output", str(path), "--overwrite"]) == 0
 
 
 def test_unknown_task_and_missing_extra(tiny_lm, monkeypatch, tmp_path):

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_dir, check_output, save_pruned
-from .data import calibration_windows, check_source, eval_tokens
+from .checkpoint.atomic import check_free_space, output_lock
+from .data import check_source, eval_tokens, token_stream
+from .errors import DataError, FusegptError, SaveError
 from .eval.perplexity import perplexity
 from .heal import HealConfig
 from .heal import heal as heal_model
-from .loading import load_model, load_pruned, model_config
+from .loading import load_model, load_pruned, load_tokenizer, model_config
 from .memory import (
     EstimateEnv,
     MemoryEstimate,
@@ -41,13 +43,24 @@ from .memory import (
 )
 from .methods import method_of, parse_chain
 from .methods import registry as _registry
+from .methods.target import SpeedPlan, SpeedTarget, plan_speed
 from .models import get_adapter
 from .offload import offloader_of
 from .report import Report, StepReport, library_versions
-from .runstate import Interrupted, RunContext, clear_state, folder_size, state_root_for
+from .runstate import (
+    Interrupted,
+    RunContext,
+    Terminated,
+    check_state_policy,
+    clear_state,
+    folder_size,
+    kept_state,
+    state_root_for,
+)
 from .settings import ConfigError, EvalConfig, PruneConfig
+from .speedmodel import load_cost_model
 from .timing import format_duration, measure_flops, perplexity_seconds
-from .utils import MemoryGuard, PeakMemory, count_params, seed_everything
+from .utils import MemoryBudgetExceeded, MemoryGuard, PeakMemory, count_params, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -96,43 +109,55 @@ def configs_for(method: str, sparsity: str | float | Sequence[float], **settings
     return configs
 
 
-def resolve_configs(configs: Sequence[PruneConfig], device_type: str) -> list[PruneConfig]:
+def resolve_configs(configs: PruneConfig | Sequence[PruneConfig], device_type: str) -> list[PruneConfig]:
     """Every config with its unset fields filled (preset, then defaults) and validated."""
     return [c.resolve(device_type) for c in as_configs(configs)]
 
 
 def check_plan(model: nn.Module | ModelGeometry, configs: Sequence[PruneConfig],
-               eval_config: EvalConfig | None = None) -> None:
-    """Validate a resolved run against the model (or its geometry) before any long work:
-    data sources, window lengths against the context (evaluation's too), the block budget of every step."""
-    g = model if isinstance(model, ModelGeometry) else None
-    if g is None:
-        adapter = get_adapter(model)
-        n_layers, ctx = adapter.num_layers, adapter.max_context
-    else:
-        n_layers, ctx = g.n_layers, g.max_context
+               eval_config: EvalConfig | None = None, *, offload: bool = False, device_type: str | None = None,
+               heal: HealConfig | None = None) -> None:
+    """Validate a resolved run against the model (or its geometry) before any long work: data
+    sources, window lengths against the context (evaluation's and healing's too), the block budget of
+    every step, each step's checks against the model's shapes (:meth:`PruneConfig.plan_model`) and
+    against where it runs (``offload``, ``device_type``: :meth:`PruneConfig.plan_placement`), and the
+    healing settings (resolved)."""
+    g = ModelGeometry.of(model)
+    n_layers, ctx = g.n_layers, g.max_context
+    device_type = device_type or (get_adapter(model).device.type if isinstance(model, nn.Module) else "cpu")
     if eval_config is not None and ctx and eval_config.seqlen > ctx:
         raise ConfigError(f"evaluation seqlen {eval_config.seqlen} exceeds the model's context of {ctx} tokens; "
                           "lower --eval-seqlen")
     n_start = n_layers
     for cfg in configs:
         cfg.require_resolved()
-        for src in cfg_sources(cfg):
+        for src in cfg.sources():
             check_source(src)
-        for name, value in cfg_lengths(cfg):
+        for name, value in cfg.window_lengths():
             if ctx and value > ctx:
                 fix = "lower --seqlen" if name == "seqlen" else f"lower it (--set {name}=...)"
                 raise ConfigError(f"{cfg.method}: {name} {value} exceeds the model's context of {ctx} tokens; {fix}")
         n_layers = cfg.plan_layers(n_layers)
         cfg.plan_chain(n_start, n_layers)
+        cfg.plan_model(g)
+        cfg.plan_placement(offload, device_type)
+    if heal is not None:
+        heal.require_resolved()
+        heal.plan_placement(offload, device_type)
+        check_source(heal.source)
+        if ctx and heal.seqlen > ctx:
+            raise ConfigError(f"heal: seqlen {heal.seqlen} exceeds the model's context of {ctx} tokens; lower it "
+                              "(--heal-set seqlen=...)")
 
 
-def cfg_sources(cfg: PruneConfig) -> list[str]:
-    return [getattr(cfg, k) for k in ("calib_source", "ft_source") if getattr(cfg, k, None)]
-
-
-def cfg_lengths(cfg: PruneConfig) -> list[tuple[str, int]]:
-    return [(k, getattr(cfg, k)) for k in ("seqlen", "ft_seqlen") if getattr(cfg, k, None)]
+def check_windows(tokenizer, configs: Sequence[PruneConfig], heal: HealConfig | None = None) -> None:
+    """Every set of training-split windows the run will draw fits its text (tokenized once; no model needed)."""
+    for cfg in [*configs, *([heal] if heal is not None else [])]:
+        for source, need, what in cfg.windows():
+            have = token_stream(tokenizer, source, "train").numel()
+            if have < need + 1:
+                raise DataError(f"{cfg.label}: data source {source} (train) has {have} tokens, fewer than {what} = "
+                                f"{need}; lower those settings or give more text")
 
 
 # ---------------------------------------------------------------------------- estimates
@@ -228,6 +253,9 @@ def check_device(device: str | torch.device) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; give cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"device {device!r}: fusegpt runs on cpu, cuda, mps or xpu, not on {dev.type!r} "
+                          "(a meta device holds no weights); use --device cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: this torch has no usable CUDA (torch.cuda.is_available() is False); "
                           "use --device cpu or install a CUDA build of torch")
@@ -247,6 +275,9 @@ class RunPlan:
     memory: MemoryEstimate
     seconds: dict[str, float]
     eval_config: EvalConfig | None = None
+    heal: HealConfig | None = None
+    output_bytes: int = 0  # the saved checkpoint, at most (the model as loaded)
+    speed: SpeedPlan | None = None  # with a speed target: the candidates and their cost model
 
     @property
     def total_seconds(self) -> float:
@@ -260,44 +291,67 @@ class RunPlan:
             origins = cfg.origins
             lines.append(f"step {i + 1}: {cfg.method}, sparsity {cfg.sparsity}, preset {cfg.preset} "
                          f"({origins.get('preset')})")
-            for k, v in cfg.to_dict().items():
-                if k in ("method", "calib", "origins", "preset", "sparsity"):
-                    continue
-                lines.append(f"    {k:<16} {v!s:<12} {origins.get(k, '')}")
+            lines += _setting_lines(cfg, skip=("method", "calib", "origins", "preset", "sparsity", "format"))
+        if self.speed is not None:
+            lines.append(self.speed.describe())
+        if self.heal is not None:
+            lines.append(f"heal: preset {self.heal.preset} ({self.heal.origins.get('preset')})")
+            lines += _setting_lines(self.heal, skip=("preset", "origins", "format"))
         lines.append(f"memory: about {self.memory.describe()}")
         steps = ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
         lines.append(f"time: about {format_duration(self.total_seconds)} ({steps}); a rough estimate")
         return "\n".join(lines)
 
 
+def _setting_lines(cfg, skip: tuple[str, ...]) -> list[str]:
+    origins = cfg.origins
+    return [f"    {k:<16} {v!s:<12} {origins.get(k, '')}" for k, v in cfg.to_dict().items() if k not in skip]
+
+
 def plan_run(model_spec: str | None, configs, placement: Placement | None = None,
-             eval_config: EvalConfig | None = None, model_name: str | None = None) -> RunPlan:
-    """Resolve, check and estimate a run from the model's config alone (no weights are read)."""
+             eval_config: EvalConfig | None = None, model_name: str | None = None,
+             heal: HealConfig | None = None) -> RunPlan:
+    """Resolve, check and estimate a run from the model's config alone (no weights are read).
+
+    Every check that needs no weights runs here, so ``--dry-run`` refuses what the run would refuse:
+    settings, data sources, budgets, the steps' and healing's placement (layer-wise, also when
+    ``max_memory`` chooses it)."""
     placement = placement or Placement()
     configs = as_configs(configs)
     for src in eval_config.data if eval_config else ():
         check_source(src)
     g = ModelGeometry.of(model_config(model_spec))  # built once: every estimate below reuses it
-    resolved = resolve_configs(configs, torch.device(placement.device).type)
-    check_plan(g, resolved, eval_config)
+    kind = torch.device(placement.device).type
+    resolved = resolve_configs(configs, kind)
+    heal_r = heal.resolve(kind) if heal is not None else None
+    check_plan(g, resolved, eval_config, offload=placement.offload is not None, device_type=kind, heal=heal_r)
     if placement.max_memory is not None:
         try:
             offload = plan_offload(g, resolved, placement.max_memory, placement.device, eval_config,
                                    offload=placement.offload, dtype=placement.dtype)
         except MemoryError as e:
             raise ConfigError(str(e)) from None
+        if offload is not None and placement.offload is None:  # chosen for the budget: check it again
+            try:
+                check_plan(g, resolved, eval_config, offload=True, device_type=kind, heal=heal_r)
+            except ConfigError as e:
+                raise ConfigError(f"--max-memory {placement.max_memory} needs layer-wise execution, and {e}") from None
         placement = replace(placement, offload=offload)
-    return _plan(g, resolved, placement, eval_config, model_name or model_spec or "embedded:SmolLM2-135M-Instruct")
+    return _plan(g, resolved, placement, eval_config, model_name or model_spec or EMBEDDED_LABEL, heal_r)
+
+
+EMBEDDED_LABEL = "embedded:SmolLM2-135M-Instruct"
 
 
 def _plan(g: ModelGeometry, resolved: list[PruneConfig], placement: Placement, eval_config: EvalConfig | None,
-          name: str) -> RunPlan:
+          name: str, heal: HealConfig | None = None) -> RunPlan:
     """The checked run's memory and time estimates, as a :class:`RunPlan`."""
     memory = estimate_memory(g, resolved, placement.dtype, placement.device, eval_config,
                              offload=placement.offload is not None)
     seconds = estimate_seconds(g, resolved, placement.device, eval_config, placement.dtype)
+    env = _env(placement.device, placement.dtype, placement.offload is not None, measure=False)
     return RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
-                   eval_config=eval_config)
+                   eval_config=eval_config, heal=heal, output_bytes=g.params * env.nbytes)
 
 
 # ---------------------------------------------------------------------------- run
@@ -320,6 +374,7 @@ def prune(
     eval_config: EvalConfig | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    restart: bool = False,
     dry_run: bool = False,
     model_name: str | None = None,
     model: nn.Module | None = None,
@@ -329,53 +384,101 @@ def prune(
     before_save: Callable[[nn.Module, Report], None] | None = None,
     save_model: bool = True,
     heal: HealConfig | None = None,
+    target: SpeedTarget | None = None,
 ) -> PruneResult:
     """Prune ``model_spec`` (a folder, hub id, ``.gguf`` or None = embedded) into ``output``.
 
-    Bad input stops with an error before any model work; the resolved plan (settings with their
-    origin, memory, time) is logged first, and ``dry_run`` stops there. Resumable steps keep
-    their state in ``<output>.state/`` (removed after a successful save); ``resume`` continues
-    from it. An interruption raises :class:`~fusegpt.runstate.Interrupted` with that state's
-    place and size. ``model``/``tokenizer``: an already loaded model to prune instead of loading
-    ``model_spec`` (the sweep passes copies of one dense model), with ``origin`` when it was
-    pruned before; ``baseline_perplexity``: the "before" figures when already known;
-    ``before_save(model, report)``: a last hook before the atomic save; ``save_model=False``
-    writes only ``report.json``. ``heal``: recovery fine-tuning after pruning
-    (:mod:`fusegpt.heal`); the report gets ``extra.heal`` and ``perplexity.healed``.
+    Bad input stops with an error before any model work: the plan checks every setting it can from
+    the config (:func:`plan_run`), the output's place (writable, free space, replaceable only if
+    fusegpt wrote it), the run state, and then, with the tokenizer alone, that every data source
+    holds enough text. The resolved plan (settings with their origin, memory, time) is logged
+    first, and ``dry_run`` stops there. The output is locked for the whole run (a second run on it
+    fails at once). Resumable steps keep their state in ``<output>.state/`` (removed after a
+    successful save): ``resume`` continues it; an existing state is never discarded unless
+    ``restart``. An interruption (Ctrl-C, SIGTERM through the command line) raises
+    :class:`~fusegpt.runstate.Interrupted` with the state's place and size; a crossed
+    ``--max-memory`` raises :class:`~fusegpt.utils.MemoryBudgetExceeded` with the same.
+
+    ``model``/``tokenizer``: an already loaded model to prune instead of loading ``model_spec``
+    (the sweep passes copies of one dense model), with ``origin`` when it was pruned before;
+    ``baseline_perplexity``: the "before" figures when already known; ``before_save(model,
+    report)``: a last hook before the atomic save; ``save_model=False`` writes only
+    ``report.json``. ``heal``: recovery training after pruning (:mod:`fusegpt.heal`); the report
+    gets ``heal`` and ``perplexity.healed``. ``target``: a speed-up to reach instead of the configs'
+    sparsities (:mod:`fusegpt.methods.target`, from the runtime's cached cost model); for a depth +
+    width chain every candidate split is pruned and the lowest calibration loss kept.
     """
     placement = placement or Placement()
     protect = [model_spec] if model_spec and Path(model_spec).expanduser().exists() else []
     out = check_output(output, overwrite, protect)
-    name = model_name or model_spec or "embedded:SmolLM2-135M-Instruct"
-    plan = plan_run(model_spec, configs, placement, eval_config, name) if model is None else \
-        _plan_loaded(model, configs, placement, eval_config, name)
+    name = model_name or model_spec or EMBEDDED_LABEL
+    speed = None
+    if target is not None:
+        configs, speed = speed_configs(model_spec if model is None else model.config, as_configs(configs), target,
+                                       placement)
+    plan = plan_run(model_spec, configs, placement, eval_config, name, heal=heal) if model is None else \
+        _plan_loaded(model, configs, placement, eval_config, name, heal=heal)
+    plan.speed = speed
+    if speed is not None and len(speed.candidates) > 1 and resume:
+        raise ConfigError("--resume with a chain's --target-speedup: the candidates keep no run state; run without "
+                          "--resume")
+    resumable = any(method_of(c).resumable for c in plan.configs)
+    state_root = state_root_for(out) if resumable else None
+    check_state_policy(state_root, resume, restart)
+    if save_model:
+        check_free_space(out.parent, int(plan.output_bytes * (3.05 if resumable else 1.05)),
+                         "the checkpoint" + (" and its run state" if resumable else ""))
     if dry_run:
         return PruneResult(plan=plan)
+    with output_lock(out):
+        return _run(plan, out, protect, model_spec, model, tokenizer, origin, eval_config, overwrite, resume, restart,
+                    state_root, baseline_perplexity, before_save, save_model, name)
+
+
+def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, origin, eval_config, overwrite: bool,
+         resume: bool, restart: bool, state_root: Path | None, baseline_perplexity, before_save, save_model: bool,
+         name: str) -> PruneResult:
+    """:func:`prune` once the plan is checked and the output locked."""
+    out = check_output(out, overwrite, protect)  # again: another run may have written it meanwhile
+    check_state_policy(state_root, resume, restart)
+    if restart:
+        clear_state(state_root)
     logger.info("plan\n%s", plan.describe())
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_spec)
+    check_windows(tokenizer, plan.configs, plan.heal)  # every text long enough, before the model is loaded
     if model is None:
         p = plan.placement
         model, tokenizer = load_model(model_spec, dtype=p.dtype, device=p.device, offload=p.offload,
                                       offload_folder=p.offload_folder, device_map=p.device_map)
-    for c in plan.configs:  # tokenizes and checks each text is long enough, before long work
-        calibration_windows(tokenizer, c.calib_source, c.nsamples, c.seqlen, c.seed)
-    resumable = any(method_of(c).resumable for c in plan.configs)
-    state_root = state_root_for(out) if resumable else None
     budget = plan.placement.max_memory
     guard = contextlib.nullcontext() if budget is None else \
         MemoryGuard(budget_bytes(budget), plan.placement.device,
                     baseline_bytes=plan.memory.runtime + plan.memory.weights)
+    resumable = state_root is not None
     try:
         with guard:
-            model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
-                                     origin=origin, state_dir=state_root, resume=resume,
-                                     baseline_perplexity=baseline_perplexity)
-    except KeyboardInterrupt:
-        kept = state_root if state_root is not None and state_root.is_dir() and any(state_root.iterdir()) else None
-        raise Interrupted(kept, folder_size(kept) if kept else 0, resumable) from None
+            if plan.speed is not None and len(plan.speed.candidates) > 1:
+                model, report = _best_candidate(model, tokenizer, plan, name, eval_config, origin,
+                                                baseline_perplexity)
+            else:
+                model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
+                                         origin=origin, state_dir=state_root, resume=resume,
+                                         baseline_perplexity=baseline_perplexity)
+    except MemoryBudgetExceeded as e:
+        e.state = kept_state(state_root)
+        e.size = folder_size(e.state) if e.state else 0
+        raise
+    except KeyboardInterrupt as e:
+        kept = kept_state(state_root)
+        raise Interrupted(kept, folder_size(kept) if kept else 0, resumable,
+                          "SIGTERM" if isinstance(e, Terminated) else "SIGINT") from None
     report.extra["estimate"] = {"seconds": {k: round(v, 3) for k, v in plan.seconds.items()},
                                 "memory_bytes": plan.memory.total}
-    if heal is not None:
-        model, report.extra["heal"] = heal_model(model, tokenizer, heal)
+    if plan.speed is not None:
+        report.extra["speed_target"] = plan.speed.to_dict()
+    if plan.heal is not None:
+        model, report.heal = heal_model(model, tokenizer, plan.heal)
         if eval_config is not None:
             report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
     if before_save is not None:
@@ -383,10 +486,7 @@ def prune(
     if resume and not resumable:
         logger.warning("--resume: %s keep no run state; this run started from the beginning",
                        "+".join(c.method for c in plan.configs))
-    try:
-        _write_output(out, model, tokenizer, report, save_model, overwrite=overwrite, protect=protect)
-    except OSError as e:
-        raise OSError(f"could not save to {out} ({e}); {_rescue(model, tokenizer, report, save_model)}") from e
+    _write_output(out, model, tokenizer, report, save_model, overwrite=overwrite, protect=protect)
     clear_state(state_root)
     off = offloader_of(model)
     if off is not None:
@@ -394,34 +494,94 @@ def prune(
     return PruneResult(plan=plan, report=report, output=out, extra={"model": model})
 
 
-def _write_output(out: Path, model: nn.Module, tokenizer, report: Report, save_model: bool, **kw) -> None:
-    """The checkpoint with its report (atomically), or the report alone."""
-    if save_model:
-        save_pruned(model, tokenizer, out, report, **kw)
-    else:
-        atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), **kw)
+def speed_configs(model_spec_or_config, configs: list[PruneConfig], target: SpeedTarget, placement: Placement
+                  ) -> tuple[list[PruneConfig], SpeedPlan]:
+    """The chain's configs with the sparsities that meet ``target`` (the first candidate's), and the plan."""
+    config = model_spec_or_config if not isinstance(model_spec_or_config, (str, type(None))) else \
+        model_config(model_spec_or_config)
+    kind = torch.device(placement.device).type
+    cm = load_cost_model(config, target.runtime, target.dtype, target.threads, "cpu" if target.runtime == "llamacpp"
+                         else kind)
+    speed = plan_speed(config, configs, target, cm, kind)
+    first = speed.candidates[0].sparsities
+    return [c.with_overrides(sparsity=s) for c, s in zip(configs, first, strict=True)], speed
+
+
+def _best_candidate(model: nn.Module, tokenizer, plan: RunPlan, name: str, eval_config, origin, baseline_perplexity
+                    ) -> tuple[nn.Module, Report]:
+    """Prune a copy of ``model`` with every candidate split of the speed plan; keep the lowest calibration loss
+    (on held-in windows of the first step's calibration text, disjoint from its calibration windows)."""
+    import copy
+
+    from .data import heldout_windows
+    from .heal import mean_loss
+
+    assert plan.speed is not None
+    c0 = plan.configs[0]
+    held = heldout_windows(tokenizer, c0.calib_source, 4, c0.seqlen, c0.seed, c0.nsamples)
+    before = dict(baseline_perplexity) if baseline_perplexity else \
+        (evaluate(model, tokenizer, eval_config) if eval_config is not None else None)
+    best: tuple[float, nn.Module, Report] | None = None
+    for cand in plan.speed.candidates:
+        cfgs = [c.with_overrides(sparsity=s) for c, s in zip(plan.configs, cand.sparsities, strict=True)]
+        logger.info("speed target: candidate sparsities %s", cand.sparsities)
+        m, rep = compress(copy.deepcopy(model), tokenizer, cfgs, model_name=name, origin=origin)
+        cand.calib_loss = mean_loss(m, held, 1)
+        if best is None or cand.calib_loss < best[0]:
+            best = (cand.calib_loss, m, rep)
+        else:
+            del m
+    assert best is not None
+    _, model, report = best
+    if eval_config is not None:
+        report.perplexity["before"] = before
+        report.eval_settings = eval_config.to_dict()
+        report.perplexity["after"] = evaluate(model, tokenizer, eval_config)
+    return model, report
+
+
+def _write_output(out: Path, model: nn.Module, tokenizer, report: Report, save_model: bool, rescue: bool = True,
+                  **kw) -> None:
+    """The checkpoint with its report (atomically), or the report alone. A save that fails (a full
+    disk, a vanished folder) keeps the result in a fresh temporary folder and raises
+    :class:`SaveError` saying where."""
+    from safetensors import SafetensorError
+
+    try:
+        if save_model:
+            save_pruned(model, tokenizer, out, report, **kw)
+        else:
+            atomic_write_dir(out, lambda tmp: report.save(tmp / "report.json"), **kw)
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, FusegptError) or not rescue:  # refused before writing: nothing to rescue
+            raise
+        raise SaveError(f"could not save to {out} ({e}); {_rescue(model, tokenizer, report, save_model)}") from e
 
 
 def _rescue(model: nn.Module, tokenizer, report: Report, save_model: bool) -> str:
     """After a failed save, keep the pruned model in a fresh temporary folder; say where (or that it could not)."""
     import tempfile
 
+    from safetensors import SafetensorError
+
     try:
         spare = Path(tempfile.mkdtemp(prefix="fusegpt-rescued-")) / "output"
-        _write_output(spare, model, tokenizer, report, save_model)
+        _write_output(spare, model, tokenizer, report, save_model, rescue=False)
         return f"the pruned model was saved to {spare} instead; move it where you want it"
-    except Exception as e:  # noqa: BLE001 - the original error is what the user must see
+    except (OSError, SafetensorError) as e:
         return f"saving it to a temporary folder failed as well ({e}); nothing was kept"
 
 
-def _plan_loaded(model: nn.Module, configs, placement: Placement, eval_config, name: str) -> RunPlan:
+def _plan_loaded(model: nn.Module, configs, placement: Placement, eval_config, name: str,
+                 heal: HealConfig | None = None) -> RunPlan:
     """:func:`plan_run` for a model already loaded (its own device and offload)."""
     device = get_adapter(model).device
     resolved = resolve_configs(configs, device.type)
-    check_plan(model, resolved, eval_config)
-    placement = replace(placement, device=str(device), dtype=None,
-                        offload=getattr(offloader_of(model), "storage", None))
-    return _plan(ModelGeometry.of(model), resolved, placement, eval_config, name)
+    heal_r = heal.resolve(device.type) if heal is not None else None
+    offload = getattr(offloader_of(model), "storage", None)
+    check_plan(model, resolved, eval_config, offload=offload is not None, device_type=device.type, heal=heal_r)
+    placement = replace(placement, device=str(device), dtype=None, offload=offload)
+    return _plan(ModelGeometry.of(model), resolved, placement, eval_config, name, heal_r)
 
 
 def compress(
@@ -444,7 +604,7 @@ def compress(
     """
     adapter = get_adapter(model, origin)
     configs = resolve_configs(config, adapter.device.type)
-    check_plan(model, configs)
+    check_plan(model, configs, offload=adapter.offloader is not None, device_type=adapter.device.type)
     report = Report(
         model=model_name or getattr(model.config, "_name_or_path", ""),
         seed=configs[0].seed,
@@ -456,24 +616,26 @@ def compress(
     if eval_config is not None:
         report.perplexity["before"] = dict(baseline_perplexity) if baseline_perplexity else \
             evaluate(model, tokenizer, eval_config)
-        report.eval_settings = {"seqlen": eval_config.seqlen, "max_tokens": eval_config.max_tokens}
+        report.eval_settings = eval_config.to_dict()
     ctx = RunContext.start(adapter, tokenizer, state_dir, resume)
     start = time.perf_counter()
+    earlier = 0.0
     with PeakMemory(adapter.device) as mem:
         for i, cfg in enumerate(configs):
             logger.info("%s: sparsity %s, preset %s (%s)", cfg.method, cfg.sparsity, cfg.preset,
                         cfg.origins.get("preset"))
             seed_everything(cfg.seed)
-            ctx.step_index = i
+            ctx.start_step(i)
             step = StepReport(method=cfg.method, config=cfg.to_dict())
-            t0 = time.perf_counter()
             with PeakMemory(adapter.device) as step_mem:
                 method_of(cfg).run(ctx, cfg, step)
-            step.wall_time_s = time.perf_counter() - t0
+            step.wall_time_s = ctx.step_elapsed()
+            earlier += ctx.earlier_s
             step.peak_memory_mb = round(step_mem.peak_mb, 1)
             report.steps.append(step)
-            logger.info("%s done in %.1fs", cfg.method, step.wall_time_s)
-    report.wall_time_s = time.perf_counter() - start
+            logger.info("%s done in %.1fs%s", cfg.method, step.wall_time_s,
+                        f" ({ctx.earlier_s:.1f}s of it before the resume)" if step.resumed else "")
+    report.wall_time_s = time.perf_counter() - start + earlier
     report.peak_memory_mb = round(mem.peak_mb, 1)
     report.layers_after = adapter.num_layers
     report.params_after = count_params(model)
@@ -500,35 +662,49 @@ def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | No
                     placement: Placement | None = None) -> Report:
     """``fusegpt heal``: load a (pruned) checkpoint, heal it, save it to ``output`` atomically.
 
-    The folder's ``report.json`` (when present) is carried over with ``extra.heal`` added and the
-    perplexity before/after healing under ``perplexity.before_heal`` / ``perplexity.after_heal``.
+    The folder's ``report.json`` (when present) is carried over with ``heal`` filled and the
+    perplexity of the input as ``after`` and of the healed model as ``healed`` (the report's stages).
+    Everything checkable (settings, data, the output's place) is checked before the model loads.
     """
     placement = placement or Placement()
     out = check_output(output, overwrite, protect=[model_spec])
-    cfg = (config or HealConfig()).resolve(torch.device(placement.device).type)
-    check_source(cfg.source)
+    kind = torch.device(placement.device).type
+    cfg = (config or HealConfig()).resolve(kind)
     for src in eval_config.data if eval_config else ():
         check_source(src)
-    model, tok = load_pruned(model_spec, dtype=placement.dtype, device=placement.device)
-    if tok is None:
-        raise ConfigError(f"{model_spec} has no tokenizer; healing needs one to read its text")
-    src = Path(model_spec) / "report.json"
-    report = Report.load(src) if src.is_file() else Report(model=str(model_spec), versions=library_versions())
-    if eval_config is not None:
-        report.perplexity["before_heal"] = evaluate(model, tok, eval_config)
-    model, report.extra["heal"] = heal_model(model, tok, cfg)
-    if eval_config is not None:
-        report.perplexity["after_heal"] = evaluate(model, tok, eval_config)
-    save_pruned(model, tok, out, report, overwrite=overwrite, protect=[model_spec])
+    g = ModelGeometry.of(model_config(model_spec))
+    check_plan(g, [], eval_config, offload=placement.offload is not None, device_type=kind, heal=cfg)
+    check_free_space(out.parent, int(g.params * _env(placement.device, placement.dtype, False, False).nbytes * 1.05),
+                     "the healed checkpoint")
+    carried = Path(model_spec) / "report.json"
+    report = Report.load(carried) if carried.is_file() else Report(model=str(model_spec), versions=library_versions())
+    with output_lock(out):
+        out = check_output(out, overwrite, protect=[model_spec])
+        tok = load_tokenizer(model_spec)
+        check_windows(tok, [], cfg)
+        model, tok = load_pruned(model_spec, dtype=placement.dtype, device=placement.device)
+        if eval_config is not None:
+            report.perplexity["after"] = evaluate(model, tok, eval_config)
+            report.eval_settings = eval_config.to_dict()
+        model, report.heal = heal_model(model, tok, cfg)
+        if eval_config is not None:
+            report.perplexity["healed"] = evaluate(model, tok, eval_config)
+        _write_output(out, model, tok, report, True, overwrite=overwrite, protect=[model_spec])
     return report
 
 
 def interrupted_message(err: Interrupted, resume_command: str | None = None) -> str:
     """What to tell a user whose run was interrupted: where the state is, its size, how to resume."""
-    if err.state is None:
-        why = "" if err.resumable else " (these methods keep no run state)"
-        return f"interrupted; no output was written and nothing was kept to resume from{why}"
-    msg = f"interrupted; no output was written. Run state kept in {err.state} ({format_size(err.size)})"
+    how = "terminated (SIGTERM)" if err.signal == "SIGTERM" else "interrupted"
+    return f"{how}; no output was written" + state_hint(err.state, err.size, err.resumable, resume_command)
+
+
+def state_hint(state: Path | None, size: int, resumable: bool = True, resume_command: str | None = None) -> str:
+    """``. Run state kept in X (size); resume with: ...`` or why nothing was kept."""
+    if state is None:
+        why = "" if resumable else " (these methods keep no run state)"
+        return f"; nothing was kept to resume from{why}"
+    msg = f". Run state kept in {state} ({format_size(size)})"
     if resume_command:
         msg += f"; resume with:\n  {resume_command}"
     return msg

@@ -26,9 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import calibration_windows, check_source
+from .errors import ConfigError, TrainingDiverged
 from .fusion.group_training import lr_factor
 from .offload import offloader_of
-from .settings import Settings, check, check_float, check_int
+from .report import HealResult
+from .settings import Settings, check, setting
 
 logger = logging.getLogger(__name__)
 
@@ -45,28 +47,29 @@ class HealConfig(Settings):
         "cpu": {"nsamples": 64, "seqlen": 256, "epochs": 1, "lr": 2e-4, "lora_rank": 8},
     }
 
-    source: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    lora_rank: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    warmup: float | None = None
+    source: str | None = setting("str", "healing text: wiki, news, wikitext2, c4, ptb or a .txt/.jsonl file")
+    nsamples: int | None = setting("int", "healing windows", low=1)
+    seqlen: int | None = setting("int", "tokens per healing window", low=2)
+    seed: int | None = setting("int", "seed of the windows, their order and the adapters' initialisation", low=0)
+    epochs: int | None = setting("int", "passes over the healing windows", low=1)
+    batch_size: int | None = setting("int", "windows per step", low=1)
+    lr: float | None = setting("float", "AdamW learning rate", low=0.0, open_low=True)
+    lora_rank: int | None = setting("int", "LoRA rank", low=1)
+    lora_alpha: int | None = setting("int", "LoRA alpha", low=1)
+    lora_dropout: float | None = setting("float", "LoRA dropout", low=0.0, high=1.0)
+    warmup: float | None = setting("float", "share of the steps with a linear learning-rate warm-up", low=0.0,
+                                   high=1.0)
 
-    def validate(self) -> None:
-        super().validate()
-        for name in ("nsamples", "epochs", "batch_size", "lora_rank", "lora_alpha"):
-            check_int(name, getattr(self, name))
-        check_int("seqlen", self.seqlen, 2)
-        check_int("seed", self.seed, 0)
-        check_float("lr", self.lr, 0.0, open_low=True)
-        check_float("lora_dropout", self.lora_dropout, 0.0, 1.0)
-        check_float("warmup", self.warmup, 0.0, 1.0)
-        check(self.source is None or isinstance(self.source, str), f"source must be a data source, got {self.source!r}")
+    def sources(self) -> list[str]:
+        return [self.source]
+
+    def plan_placement(self, offload: bool, device_type: str) -> None:
+        """Healing trains the whole model at once: refused layer-wise (before anything is loaded)."""
+        check(not offload, "healing trains the whole model and cannot run layer-wise (--offload, or a --max-memory "
+                           "budget that needs it); heal on a device the model fits, or drop --heal")
+
+    def windows(self) -> list[tuple[str, int, str]]:
+        return [(self.source, self.nsamples * self.seqlen, "heal nsamples × seqlen")]
 
 
 def _peft():
@@ -91,7 +94,7 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float
     return tot / max(n, 1)
 
 
-def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple[nn.Module, HealResult]:
     """Fine-tune ``model`` with LoRA on the next-token loss and merge the adapters back.
 
     Returns the merged model (the same architecture, plain linear layers) and a record: the
@@ -100,7 +103,7 @@ def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple
     """
     peft = _peft()
     if offloader_of(model) is not None:
-        raise ValueError("healing trains the whole model and cannot run layer-wise (--offload); load it resident")
+        raise ConfigError("healing trains the whole model and cannot run layer-wise (--offload); load it resident")
     dev = next(p for p in model.parameters() if not p.is_meta).device
     cfg = (config or HealConfig()).resolve(dev.type)
     check_source(cfg.source)
@@ -137,7 +140,7 @@ def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple
             logits = pm(ids).logits.float()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"healing diverged at step {step} (non-finite loss); lower lr")
+                raise TrainingDiverged(f"healing diverged at step {step} (non-finite loss); lower lr (--set lr=...)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -155,7 +158,7 @@ def heal(model: nn.Module, tokenizer, config: HealConfig | None = None) -> tuple
     if was_training:
         merged.train()
     after = mean_loss(merged, windows, cfg.batch_size)
-    record = {"settings": cfg.to_dict(), "loss_before": before, "loss_after": after, "loss_per_epoch": losses,
-              "steps": step, "wall_time_s": round(time.perf_counter() - t0, 1)}
+    record = HealResult(settings=cfg.to_dict(), loss_before=before, loss_after=after, loss_per_epoch=losses,
+                        steps=step, wall_time_s=round(time.perf_counter() - t0, 1))
     logger.info("healed: training loss %.4f -> %.4f in %d steps", before, after, step)
     return merged, record

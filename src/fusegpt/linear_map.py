@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError, FusegptError
 from .models import DecoderAdapter
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,17 @@ logger = logging.getLogger(__name__)
 SOLVERS = ("ls", "cosine")
 
 
-class LinearMapError(ValueError):
+class LinearMapError(FusegptError, ValueError):
     """The linear replacement cannot be applied to this model; the message says why."""
+
+
+def check_map_tokens(tokens: int, hidden: int, ridge: float, what: str, windows: str) -> None:
+    """A least-squares map of ``hidden`` × ``hidden`` needs at least ``hidden`` calibration tokens; with
+    fewer (and no ``ridge``) it fits the tokens exactly, reports residual 0 and destroys the model."""
+    if tokens < hidden and ridge <= 0:
+        raise ConfigError(f"{what}: a least-squares map of the {hidden}-wide hidden state fitted on {tokens} tokens "
+                          f"({windows}) is underdetermined (it needs at least {hidden}; several times more to "
+                          "generalise): give more windows, or regularise it (--set ridge=0.01)")
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +132,7 @@ def span_residuals(adapter: DecoderAdapter, calib: torch.Tensor, lengths: Sequen
             with adapter.using([i]):
                 try:
                     cap: _Capture | None = _Capture(_down_proj(adapter, block))
-                except (LinearMapError, AttributeError):  # no down projection: no span can start after it
+                except LinearMapError:  # no down projection: no span can start after it
                     cap = None
                     no_pred.add(i)
                 try:
@@ -190,7 +200,11 @@ class SpanFit:
 
 
 def _down_proj(adapter: DecoderAdapter, block: nn.Module) -> nn.Module:
-    roles = adapter.linear_roles(block)
+    try:
+        roles = adapter.linear_roles(block)
+    except AttributeError:  # a block without the family's modules (a custom or foreign block)
+        raise LinearMapError(f"{type(block).__name__} has none of the adapter's linear roles; linear replacement "
+                             "needs a LLaMA-style MLP (down_proj)") from None
     if "down_proj" not in roles:
         raise LinearMapError(f"{type(block).__name__} has no down projection role; linear replacement needs a "
                              "LLaMA-style MLP (down_proj)")
@@ -297,6 +311,13 @@ def _solve(fit: SpanFit, pairs: list[tuple[torch.Tensor, torch.Tensor]], outs: l
                          lo.reshape(-1, hidden).float().cpu()))
     eye = torch.eye(hidden, dtype=torch.float64)
     alpha = ridge * float(torch.trace(a)) / hidden  # relative to the mean diagonal of MᵀM
+    if alpha <= 0 and (solver == "ls" or (solver == "cosine" and cosine_init == "ls")):
+        rank = int(torch.linalg.matrix_rank(a))
+        if rank < hidden:  # an exact fit of the calibration tokens: residual 0, a destroyed model
+            raise LinearMapError(
+                f"the least-squares map for blocks {fit.start}-{fit.end - 1} is underdetermined: the {count} "
+                f"calibration tokens span only {rank} of the {hidden} hidden dimensions; give more calibration "
+                "windows, or regularise the fit (--set ridge=0.01)")
     if solver == "identity":  # no map: the span is simply removed (the ablation)
         t = eye
     elif solver == "ls":

@@ -20,7 +20,14 @@ import torch
 
 from .checkpoint.gguf.vocab import PRE_KEY as GGUF_PRE_KEY
 from .checkpoint.sliced import SLICED_KEY
-from .checkpoint.width import WIDTH_KEY, is_width_pruned, load_width_pruned
+from .checkpoint.width import (
+    WIDTH_KEY,
+    folder_tokenizer,
+    is_width_pruned,
+    load_width_pruned,
+    read_config_json,
+)
+from .errors import ConfigError, ModelLoadError
 from .models import adapter_class, check_supported
 from .offload.layerwise import load_offloaded
 
@@ -28,10 +35,6 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(ValueError):
-    """The model could not be found or is not supported; the message says what to do."""
 
 
 def cache_dir() -> Path:
@@ -59,7 +62,7 @@ def _gguf_pre_name(path: Path) -> str | None:
 
         field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
         return str(field.contents()) if field is not None else None
-    except Exception:  # noqa: BLE001 - the name is a hint for export; conversion goes on without it
+    except (ImportError, OSError, ValueError, KeyError, IndexError):  # the name is a hint for export only
         return None
 
 
@@ -129,7 +132,43 @@ def _gguf_source(spec: str | None) -> tuple[Path, Path] | None:
         raise ModelLoadError(f"model file {spec} does not exist")
     if spec is None or _is_embedded(p):
         return p, cache_dir() / EMBEDDED_NAME
-    return p, cache_dir() / "gguf" / f"{p.stem}-{p.stat().st_size}"
+    return p, cache_dir() / "gguf" / f"{p.stem}-{file_digest(p)[:20]}"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, remembered per (path, size, mtime, inode) so an unchanged file is
+    hashed once. The GGUF conversion cache is keyed by it: a file re-exported under the same name and
+    size is a different model and gets its own conversion."""
+    import hashlib
+    import time
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    index_path = cache_dir() / "gguf" / "digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        index = {}
+    if not isinstance(index, dict):
+        index = {}
+    if key in index:
+        return str(index[key])
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(8 * 2**20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if time.time() - st.st_mtime > 2:  # a file written this very moment may still change within its mtime tick
+        index[key] = digest
+        index = dict(list(index.items())[-500:])
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(index))
+            tmp.replace(index_path)
+        except OSError as e:  # a read-only cache only costs hashing again next time
+            logger.debug("could not remember the digest of %s: %s", path, e)
+    return digest
 
 
 def resolve_model_path(spec: str | None) -> str:
@@ -162,15 +201,14 @@ def read_config(path: str, need_adapter: bool = True):
     (unless ``need_adapter`` is False: evaluation runs any causal LM)."""
     from transformers import AutoConfig
 
+    if (Path(path) / "config.json").is_file():
+        read_config_json(path)  # a corrupt config.json is named, not reported as a missing model
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the config of {path}: {e}") from None
     if need_adapter:
-        try:
-            check_supported(config)
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from None
+        check_supported(config)  # UnsupportedModelError, a ModelLoadError
     return config
 
 
@@ -188,7 +226,7 @@ def model_config(spec: str | None):
         p = src[0]
         try:
             config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
-        except Exception as e:  # noqa: BLE001 - any failure to read the metadata ends the same way
+        except (OSError, ValueError, KeyError, IndexError) as e:  # transformers' GGUF reader's ways of failing
             raise ModelLoadError(f"cannot read the config of {p}: {e}") from None
         check_supported(config)
         return config
@@ -196,7 +234,7 @@ def model_config(spec: str | None):
     if is_width_pruned(path):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        raw = json.loads((Path(path) / "config.json").read_text())
+        raw = read_config_json(path)
         marks = [raw.pop(k, None) for k in (WIDTH_KEY, SLICED_KEY)]
         raw["model_type"] = next(m for m in marks if m)["model_type"]
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
@@ -220,7 +258,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device
     from transformers import AutoTokenizer
 
     if offload is not None and device_map is not None:
-        raise ValueError("choose either offload (layer-wise on one device) or device_map (several GPUs), not both")
+        raise ConfigError("choose either offload (layer-wise on one device) or device_map (several GPUs), not both")
     path = resolve_model_path(spec)
     if offload is not None:
         return _load_layerwise(path, dtype, device, offload, offload_folder)
@@ -268,7 +306,7 @@ def _check_device_map(model) -> None:
     dm = getattr(model, "hf_device_map", None) or {}
     off = sorted(k for k, v in dm.items() if v in ("cpu", "disk"))
     if off and any(v not in ("cpu", "disk") for v in dm.values()):
-        raise ValueError(f"the device map offloads {off[:3]} to cpu/disk; fusegpt edits weights, which accelerate's "
+        raise ConfigError(f"the device map offloads {off[:3]} to cpu/disk; fusegpt edits weights, which accelerate's "
                          "offload hooks would discard. Give more max_memory, or use offload='disk' (--offload disk)")
 
 
@@ -281,7 +319,7 @@ def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
             from huggingface_hub import snapshot_download
 
             p = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-        except Exception as e:  # noqa: BLE001 - any failure to fetch ends in the same advice
+        except (ImportError, OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors
             raise ModelLoadError(f"could not fetch {path} for layer-wise loading ({e}); download it to a folder "
                                  "first (huggingface-cli download) and pass the folder") from e
     if not p.is_dir():
@@ -291,6 +329,23 @@ def _load_layerwise(path: str, dtype, device, offload: str, folder: str | None):
         raise ModelLoadError("width-pruned checkpoints cannot be loaded layer-wise yet; load without --offload")
     model = load_offloaded(p, device=device, dtype=dtype, storage=offload, folder=folder)
     return model, AutoTokenizer.from_pretrained(str(p))
+
+
+def load_tokenizer(spec: str | None):
+    """The tokenizer of ``spec`` alone (a GGUF model is converted first), so data can be checked
+    against it before any weights are loaded; raises ModelLoadError when the model has none."""
+    path = resolve_model_path(spec)
+    if Path(path).is_dir():
+        tok = folder_tokenizer(path)
+        if tok is None:
+            raise ModelLoadError(f"{path} holds no tokenizer; fusegpt needs one to read calibration text")
+        return tok
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from None
 
 
 def load_pruned(path: str | Path, dtype=None, device="cpu"):

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models import get_adapter
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def parse_size(text: str | int | float) -> int:
         return int(text * 1e9)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 24GB, 512MiB or 16 (GB)")
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 24GB, 512MiB or 16 (GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -22,10 +22,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.ownership import OwnedFolder, remove_staging, staging_dir
+from .errors import FusegptError, ReportError
+from .report import Report
+
 logger = logging.getLogger(__name__)
 
 
-class PlotsUnavailable(ValueError):
+class PlotsUnavailable(FusegptError, ValueError):
     """matplotlib is missing; the message names the extra."""
 
 
@@ -43,13 +47,31 @@ def _plt():
 def render(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the Markdown page (default ``run_dir/report.md``) and its PNGs beside it; return the page."""
     run_dir = Path(run_dir)
+    page = Path(output) if output else run_dir / "report.md"
     if (run_dir / "sweep.json").is_file():
-        return render_sweep(run_dir, output)
+        table = read_json(run_dir / "sweep.json")
+        return _published(page, lambda staged: render_sweep_table(table, staged))
     rep = run_dir / "report.json"
     if not rep.is_file():
-        raise ValueError(f"{run_dir} holds neither report.json nor sweep.json; give a run or sweep folder")
-    return render_run(read_json(rep), Path(output) if output else run_dir / "report.md",
-                      widths_config=_widths_from_config(run_dir))
+        raise ReportError(f"{run_dir} holds neither report.json nor sweep.json; give a run or sweep folder")
+    d = Report.load(rep).to_dict()  # a foreign or newer report.json stops here, with its name
+    widths = _widths_from_config(run_dir)
+    return _published(page, lambda staged: render_run(d, staged, widths_config=widths))
+
+
+def _published(page: Path, make) -> Path:
+    """Render into a staging folder beside ``page``, then move the page and its PNGs in: a file there
+    that fusegpt did not write (a user's own report.md) is refused before anything is replaced."""
+    folder = OwnedFolder(page.parent, "report")
+    folder.check([page.name])
+    staging = staging_dir(page.parent)
+    try:
+        make(staging / page.name)
+        folder.publish(staging)
+    finally:
+        remove_staging(staging)
+    logger.info("wrote %s", page)
+    return page
 
 
 def read_json(path: Path) -> Any:
@@ -57,7 +79,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); was it cut off or edited by hand?") from None
+        raise ReportError(f"{path} is not valid JSON ({e}); was it cut off or edited by hand?") from None
 
 
 def _widths_from_config(run_dir: Path) -> dict[str, Any] | None:
@@ -334,15 +356,48 @@ def plot_sweep(table: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def render_sweep(sweep_dir: Path, output: str | Path | None = None) -> Path:
+def plot_quality_vs_speed(table: dict[str, Any], path: Path) -> Path:
+    """Perplexity against the measured speed-up (the smaller of pp and tg), one panel per runtime; the
+    Pareto front joined by a line."""
+    from .sweep import quality_vs_speed
+
+    plt = _plt()
+    runtimes = sorted(table["speed"])
+    src = next(iter(table["dense"].get("perplexity") or {}), None) or next(iter(table["rows"][0]["perplexity"]))
+    fig, axes = plt.subplots(1, len(runtimes), figsize=(5.5 * len(runtimes), 4.2), squeeze=False)
+    for ax, rt in zip(axes[0], runtimes, strict=True):
+        pts = quality_vs_speed(table, rt, src)
+        for p in pts:
+            x = min(p["pp"], p["tg"])
+            ax.scatter(x, p["ppl"], s=40, marker="*" if p["front"] else "o", zorder=3,
+                       color="#d62728" if p["front"] else "#3182bd")
+            ax.annotate(p["cell"], (x, p["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted((min(p["pp"], p["tg"]), p["ppl"]) for p in pts if p["front"])
+        if len(front) > 1:
+            ax.plot([f[0] for f in front], [f[1] for f in front], color="#d62728", linewidth=1, zorder=2)
+        ax.set_xlabel(f"measured speed-up vs dense in {rt} (min of pp, tg)")
+        ax.set_ylabel(f"perplexity ({Path(src).name})")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_title(rt, fontsize=10)
+    fig.suptitle("quality vs speed (red stars: Pareto front)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_sweep_table(table: dict[str, Any], page: Path) -> Path:
+    """Markdown + the perplexity plot for a sweep table (``sweep.json``)."""
     from .sweep import to_markdown
 
-    table = read_json(sweep_dir / "sweep.json")
-    page = Path(output) if output else sweep_dir / "report.md"
-    page.parent.mkdir(parents=True, exist_ok=True)
     png = plot_sweep(table, page.parent / f"{page.stem}_sweep_ppl.png")
     text = [f"# Sweep: {', '.join(table['methods'])} × sparsity {', '.join(f'{s:g}' for s in table['sparsities'])}",
-            "", f"![perplexity vs sparsity]({png.name})", "", to_markdown(table)]
+            "", f"![perplexity vs sparsity]({png.name})", ""]
+    if table.get("speed"):
+        speed_png = plot_quality_vs_speed(table, page.parent / f"{page.stem}_quality_vs_speed.png")
+        text += [f"![quality vs speed]({speed_png.name})", ""]
+    text.append(to_markdown(table))
     page.write_text("\n".join(text))
     logger.info("wrote %s", page)
     return page

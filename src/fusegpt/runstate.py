@@ -12,10 +12,14 @@ The state folders are removed once the output is saved; after an interruption th
 
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import RunStateError
+from .memory import format_size
 from .models import DecoderAdapter
 
 
@@ -29,6 +33,17 @@ class RunContext:
     state_root: Path | None = None
     resume: bool = False
     step_index: int = 0
+    step_started: float = field(default_factory=time.perf_counter)
+    earlier_s: float = 0.0  # wall time of this step in the runs before a resume
+
+    def start_step(self, index: int) -> None:
+        self.step_index = index
+        self.step_started = time.perf_counter()
+        self.earlier_s = 0.0
+
+    def step_elapsed(self) -> float:
+        """Wall time of the current step so far, the interrupted runs it resumed included."""
+        return self.earlier_s + time.perf_counter() - self.step_started
 
     @classmethod
     def start(cls, adapter: DecoderAdapter, tokenizer, state_root: str | Path | None = None,
@@ -63,11 +78,49 @@ def clear_state(root: str | Path | None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-class Interrupted(KeyboardInterrupt):
-    """A run was interrupted; ``state`` is the kept run state (or None) and ``size`` its bytes."""
+def kept_state(root: Path | None) -> Path | None:
+    """``root`` when it holds a run state worth keeping (a non-empty folder), else None."""
+    return root if root is not None and root.is_dir() and any(root.iterdir()) else None
 
-    def __init__(self, state: Path | None, size: int, resumable: bool):
+
+def describe_state(root: Path) -> str:
+    """What a kept run state holds, for messages: its size and how far each step got."""
+    done = []
+    for sj in sorted(root.glob("*/state.json")):
+        try:
+            d = json.loads(sj.read_text())
+            done.append(f"{sj.parent.name}: {d.get('done')} block(s) done")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            done.append(f"{sj.parent.name}: unreadable")
+    return f"{format_size(folder_size(root))}" + (f", {'; '.join(done)}" if done else "")
+
+
+def check_state_policy(root: Path | None, resume: bool, restart: bool) -> None:
+    """Never discard a kept run state silently: an existing state needs ``resume`` (continue it) or
+    ``restart`` (delete it and start again); raises :class:`RunStateError` otherwise."""
+    if resume and restart:
+        raise RunStateError("--resume and --restart exclude each other: continue the kept run state, or discard it")
+    kept = kept_state(root)
+    if kept is None or resume or restart:
+        return
+    raise RunStateError(f"an interrupted run left its state in {kept} ({describe_state(kept)}); add --resume to "
+                        "continue it, or --restart to discard it and start again")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run was interrupted; ``state`` is the kept run state (or None) and ``size`` its bytes.
+
+    ``signal``: the signal that stopped it (``SIGINT`` for Ctrl-C, ``SIGTERM`` for ``kill``,
+    ``timeout``, SLURM or Kubernetes)."""
+
+    def __init__(self, state: Path | None, size: int, resumable: bool, signal: str = "SIGINT"):
         super().__init__("interrupted")
         self.state = state
         self.size = size
         self.resumable = resumable
+        self.signal = signal
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by the command line's SIGTERM handler, so a ``kill`` ends a run as
+    Ctrl-C does: the run state is kept and the resume command printed."""

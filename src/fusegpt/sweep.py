@@ -28,7 +28,10 @@ from typing import Any
 import torch
 
 from .api import Placement, configs_for, prune
-from .loading import load_model
+from .checkpoint.atomic import output_lock
+from .checkpoint.ownership import OwnedFolder, check_replaceable
+from .data import check_source
+from .loading import load_model, load_tokenizer
 from .methods import registry
 from .report import Report, StepReport
 from .settings import ConfigError, EvalConfig, PruneConfig, blocks_to_remove
@@ -119,10 +122,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+SWEEP_FILES = ("dense.json", "sweep.json", "sweep.md", "speed.json")
 
 
 def run_sweep(
@@ -136,26 +136,99 @@ def run_sweep(
     zeroshot_kw: dict[str, Any] | None = None,
     save_checkpoints: bool = True,
     device: str = "cpu",
+    speed: Sequence[str] = (),
+    speed_rounds: int = 3,
+    speed_threads: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep into ``output``; returns the table (also in ``sweep.json``).
 
-    Every cell goes through :func:`fusegpt.prune` with a copy of the one dense model.
+    Every cell goes through :func:`fusegpt.prune` with a copy of the one dense model. ``speed``: runtimes
+    to time every cell and the dense model in (``llamacpp:f16``, ``llamacpp:q4_k_m``, ``torch``), in
+    alternating rounds, once the cells are pruned; the table then has a quality-vs-speed section
+    with the Pareto front (``speed.json``).
     """
-    from . import api
-    from .data import calibration_windows, check_source
-
+    runtimes = parse_speed(speed)
+    if runtimes and not save_checkpoints:
+        raise ConfigError("timing the cells (--speed) needs their checkpoints; drop --no-checkpoints")
     eval_config = eval_config or EvalConfig()
     configs = sweep_configs(methods, sparsities, settings)
     out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     kind = torch.device(device).type
-    for src in {x for c in configs.values() for x in api.cfg_sources(c.resolve(kind))} | set(eval_config.data):
+    folder = OwnedFolder(out, "sweep")
+    folder.check(SWEEP_FILES)  # a user's own sweep.md is never written over
+    for (m, s) in configs:
+        cell = out / cell_name(m, s)
+        if cell.exists():
+            check_replaceable(cell, "sweep cell")
+    for src in {x for c in configs.values() for x in c.resolve(kind).sources()} | set(eval_config.data):
         check_source(src)  # before the model is loaded
+    with output_lock(out):
+        table = _run_sweep(methods, sparsities, out, folder, model_spec, configs, eval_config, tasks, zeroshot_kw,
+                           save_checkpoints, device)
+        if runtimes:
+            folder.write_text("speed.json", json.dumps(time_cells(out, table, model_spec, runtimes, speed_rounds,
+                                                                   speed_threads, device), indent=2) + "\n")
+            table = collect(out, methods, sparsities)
+            folder.write_text("sweep.json", json.dumps(table, indent=2) + "\n")
+            folder.write_text("sweep.md", to_markdown(table))
+        return table
+
+
+def parse_speed(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``["llamacpp:f16,q4_k_m", "torch"]`` → ``{"llamacpp": ["f16", "q4_k_m"], "torch": []}`` (checked)."""
+    from .bench import check_runtime
+
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        runtime, _, types = spec.partition(":")
+        dtypes = [t for t in types.split(",") if t] or (["f16"] if runtime == "llamacpp" else [])
+        check_runtime(runtime, dtypes)
+        out.setdefault(runtime, [])
+        out[runtime] += [d for d in dtypes if d not in out[runtime]]
+    return out
+
+
+def time_cells(out: Path, table: dict[str, Any], model_spec, runtimes: dict[str, list[str]], rounds: int,
+               threads: int, device: str) -> dict[str, Any]:
+    """Speed-ups of every cell against the dense model, per runtime (and GGUF type)."""
+    from .bench import bench_llamacpp
+    from .eval.speed import bench_models
+
+    cells = [r["cell"] for r in table["rows"]]
+    specs = [model_spec, *[str(out / c) for c in cells]]
+    result: dict[str, Any] = {}
+    if "llamacpp" in runtimes:
+        res = bench_llamacpp(specs, runtimes["llamacpp"], rounds=rounds, threads=threads, names=["dense", *cells],
+                             skip_unexportable=True)
+        for dtype in runtimes["llamacpp"]:
+            result[f"llamacpp:{dtype}"] = {m["model"]: {"pp": m["cells"][dtype]["pp_speedup"],
+                                                        "tg": m["cells"][dtype]["tg_speedup"],
+                                                        "ideal": m["ideal_speedup_blocks"]} for m in res["models"]}
+        result["llamacpp_raw"] = res
+    if "torch" in runtimes:
+        from .loading import model_config
+
+        ctx = getattr(model_config(model_spec).get_text_config(), "max_position_embeddings", None) or 4096
+        res = bench_models(specs, batch_sizes=(1,), lengths=(min(512, ctx - 33),), decode_tokens=32, warmup=1, repeats=1,
+                           device=device, threads=threads, rounds=rounds)
+        result["torch"] = {name: {"pp": m["rows"][0].get("prefill_speedup", 1.0),
+                                  "tg": m["rows"][0].get("decode_speedup", 1.0), "ideal": m["ideal_speedup_blocks"]}
+                           for name, m in zip(["dense", *cells], res["models"], strict=True) if m["rows"]}
+        result["torch_raw"] = res
+    return result
+
+
+def _run_sweep(methods, sparsities, out: Path, folder: OwnedFolder, model_spec, configs, eval_config: EvalConfig,
+               tasks, zeroshot_kw, save_checkpoints: bool, device: str) -> dict[str, Any]:
+    from . import api
+
+    kind = torch.device(device).type
+    tok = load_tokenizer(model_spec)
+    resolved = [c.resolve(kind) for c in configs.values()]
+    api.check_windows(tok, resolved)  # every text long enough, before the model is loaded
     model, tok = load_model(model_spec, device=device)
-    for cfg in configs.values():  # every budget and data source checked before any long work
-        r = cfg.resolve(kind)
+    for r in resolved:  # every budget checked before any long work
         api.check_plan(model, [r])
-        calibration_windows(tok, r.calib_source, r.nsamples, r.seqlen, r.seed)
 
     def zs(m) -> dict[str, Any] | None:
         if not tasks:
@@ -174,7 +247,7 @@ def run_sweep(
         dense = {"model": model_spec or "embedded:SmolLM2-135M-Instruct", "eval_settings": eval_settings,
                  "perplexity": api.evaluate(model, tok, eval_config), "params": count_params(model),
                  "layers": model.config.num_hidden_layers, "zeroshot": zs(model)}
-        _write_json(dense_path, dense)
+        folder.write_text("dense.json", json.dumps(dense, indent=2) + "\n")
 
     last: dict[str, tuple[Any, dict[str, Any]] | None] = {}  # method -> (pruned model, report dict) of its last cell
     for m in methods:
@@ -222,8 +295,8 @@ def run_sweep(
                 res = prune(model_spec, cfg, cell, model=copy.deepcopy(model), **common)
             last[m] = (res.extra["model"], res.report.to_dict()) if continues else None
     table = collect(out, methods, sparsities)
-    _write_json(out / "sweep.json", table)
-    (out / "sweep.md").write_text(to_markdown(table))
+    folder.write_text("sweep.json", json.dumps(table, indent=2) + "\n")
+    folder.write_text("sweep.md", to_markdown(table))
     logger.info("wrote %s and %s", out / "sweep.md", out / "sweep.json")
     return table
 
@@ -258,13 +331,30 @@ def collect(out: str | Path, methods: Sequence[str] | None = None, sparsities: S
                 "wall_time_s": round(d["wall_time_s"], 1), "peak_memory_mb": d.get("peak_memory_mb"),
                 "zeroshot": _zs_brief(z),
             })
+    speed = _read_json(out / "speed.json") if (out / "speed.json").is_file() else {}
     return {
         "dense": {**{k: dense.get(k) for k in ("model", "params", "layers", "perplexity")},
                   "zeroshot": _zs_brief(dense.get("zeroshot"))},
         "eval_settings": dense.get("eval_settings"),
         "methods": list(methods), "sparsities": [float(s) for s in sparsities], "rows": rows,
+        "speed": {k: v for k, v in speed.items() if not k.endswith("_raw")},
         "versions": _versions(),
     }
+
+
+def quality_vs_speed(table: dict[str, Any], runtime: str, source: str) -> list[dict[str, Any]]:
+    """Every cell (and dense) with its speed-ups in ``runtime`` and perplexity on ``source``, fastest first;
+    ``front``: on the Pareto front of (the smaller of the pp and tg speed-ups, perplexity)."""
+    from .bench import pareto
+
+    speeds = table.get("speed", {}).get(runtime) or {}
+    pts = [{"cell": "dense", "ppl": (table["dense"].get("perplexity") or {}).get(source)}]
+    pts += [{"cell": r["cell"], "method": r["method"], "sparsity": r["sparsity"], "ppl": r["perplexity"].get(source)}
+            for r in table["rows"]]
+    pts = [{**p, **speeds[p["cell"]]} for p in pts if p["cell"] in speeds and p["ppl"] is not None]
+    for p, on in zip(pts, pareto([(min(p["pp"], p["tg"]), p["ppl"]) for p in pts]), strict=True):
+        p["front"] = on
+    return sorted(pts, key=lambda p: -min(p["pp"], p["tg"]))
 
 
 def _zs_brief(z: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -312,6 +402,18 @@ def to_markdown(table: dict[str, Any]) -> str:
     lines += ["", "Prune time excludes evaluation (for a continued SLEB/MI cell it includes the smaller cell's "
               "iterations). Peak MB: CUDA allocator peak on GPU; process RSS on CPU, which includes the dense "
               "model the sweep keeps for the other cells."]
+    for runtime in sorted(table.get("speed") or {}):
+        pts = quality_vs_speed(table, runtime, data[0]) if data else []
+        if not pts:
+            continue
+        lines += ["", f"Quality vs speed in {runtime} (speed-up against dense: pp = prompt, tg = generation; "
+                      f"★ = Pareto front of min(pp, tg) and {data[0]} perplexity: no other cell is faster and better)",
+                  "", "| cell | pp × | tg × | ideal × | " + " | ".join(f"ppl {d}" for d in data) + " | front |",
+                  "|" + "---|" * (5 + len(data))]
+        ppl = {"dense": dense.get("perplexity") or {}, **{r["cell"]: r["perplexity"] for r in rows}}
+        for p in pts:
+            lines.append(f"| {p['cell']} | {p['pp']:.2f} | {p['tg']:.2f} | {p['ideal']:.2f} | "
+                         + " | ".join(_f(ppl[p["cell"]].get(d)) for d in data) + f" | {'★' if p['front'] else ''} |")
     zs_tasks = sorted({t for r in [dense, *rows] for t in (r.get("zeroshot") or {})})
     if zs_tasks:
         lines += ["", "Zero-shot accuracy (acc / acc_norm; *_proxy = offline proxy, not the published benchmark)", "",

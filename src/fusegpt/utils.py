@@ -7,10 +7,13 @@ import random
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import FusegptError
 
 
 def count_params(model: nn.Module) -> int:
@@ -71,8 +74,13 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, _rss_mb())
 
 
-class MemoryBudgetExceeded(MemoryError):
-    """A run's measured memory crossed the budget it was given (``--max-memory``)."""
+class MemoryBudgetExceeded(FusegptError, MemoryError):
+    """A run's measured memory crossed the budget it was given (``--max-memory``). ``state`` / ``size``:
+    the run state kept for ``--resume`` (filled by :func:`fusegpt.prune`), or None."""
+
+    exit_code = 1
+    state: Path | None = None
+    size: int = 0
 
 
 class MemoryGuard:

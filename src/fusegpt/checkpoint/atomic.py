@@ -1,48 +1,44 @@
 """Atomic writes that never cost a user a file: a folder is written beside its final place and
 renamed into it at the end.
 
-* An existing output is replaced only with ``overwrite``, and only when it is empty or holds a
-  previous fusegpt output (``report.json``, a run state's ``state.json`` or the ``.fusegpt``
-  marker every output carries); never the current folder, one of its ancestors, the home folder
-  or a folder the caller protects (the input model).
-* The place is checked for writing (a probe file is created and removed) before any long work.
-* Temporaries left by a save that was killed (``.NAME.tmp-*``, ``.NAME.old-*``) are removed on the
-  next write to the same output, with a warning.
-* Folders and files get the permissions the umask gives (``mkdtemp`` alone would make them 0700).
+* An existing output is replaced only with ``overwrite``, and only when fusegpt can prove it wrote
+  everything in it (:mod:`fusegpt.checkpoint.ownership`: the ``.fusegpt`` marker's manifest, with a
+  run id) or it is empty; never the current folder, one of its ancestors, the home folder or a
+  folder the caller protects (the input model).
+* The place is checked for writing (a probe file is created and removed), and for free space where
+  the caller knows what it will write, before any long work.
+* One writer per output (:mod:`fusegpt.checkpoint.locking`); temporaries left by a save that was
+  killed (``.NAME.tmp-*``, ``.NAME.old-*``) are removed, with a warning, by the next writer of the
+  same output, which holds the lock, so a live run's temporaries are never taken for stale ones.
+* Folders and files get the permissions the umask gives (``mkdtemp``, and writers that create
+  0600 files, would not).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..errors import OutputExistsError, OutputNotWritableError
+from .locking import output_lock
+from .ownership import (
+    MARKER,
+    apply_umask,
+    apply_umask_tree,
+    check_replaceable,
+    check_writable,
+    nearest_existing,
+    new_run_id,
+    write_marker,
+)
+
 logger = logging.getLogger(__name__)
 
-MARKER = ".fusegpt"  # written into every output folder: "fusegpt wrote this, it may replace it"
-OWN_FILES = ("report.json", "state.json", MARKER)
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and may not (or must not) be replaced; the message says why."""
-
-
-class OutputNotWritableError(PermissionError):
-    """The output's place cannot be written; found before any long work."""
-
-
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return old
-
-
-def apply_umask(path: Path, directory: bool) -> None:
-    """Give ``path`` the mode a plain ``mkdir``/``open`` would have (mkdtemp/mkstemp use 0700/0600)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+__all__ = ["MARKER", "OutputExistsError", "OutputNotWritableError", "apply_umask", "atomic_write_dir",
+           "check_free_space", "check_output", "check_writable", "clean_stale", "output_lock"]
 
 
 def _protected(out: Path, protect: Iterable[str | Path]) -> str | None:
@@ -55,31 +51,24 @@ def _protected(out: Path, protect: Iterable[str | Path]) -> str | None:
         return "it is the home or root folder"
     for p in protect:
         p = Path(p).expanduser().resolve()
-        if out == p or out in p.parents:
-            return f"it holds the input model {p}"
+        if out == p or out in p.parents or p in out.parents:
+            return f"it holds (or is inside) the input model {p}"
     return None
 
 
-def _nearest_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_writable(folder: Path) -> None:
-    """Create and remove a probe file in ``folder`` (or its nearest existing ancestor)."""
-    place = _nearest_existing(folder)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fusegpt-probe-", dir=place)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputNotWritableError(f"cannot write in {place} ({e.strerror or e}); choose another --output "
-                                     "or fix the folder's permissions") from None
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse before any long work when ``folder``'s file system has less than ``need`` bytes free."""
+    place = nearest_existing(folder)
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise OutputNotWritableError(f"{place} has {free / 2**20:,.0f} MiB free, but {what} needs about "
+                                     f"{need / 2**20:,.0f} MiB; free some space or choose another --output")
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove temporaries of ``out`` left by a save that was killed; returns what was removed."""
+    """Remove temporaries of ``out`` left by a save that was killed; returns what was removed.
+
+    Call it only while holding ``out``'s lock (:func:`output_lock`): then no live run is writing them."""
     gone = []
     if out.parent.is_dir():
         for p in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
@@ -95,50 +84,48 @@ def check_output(path: str | Path, overwrite: bool, protect: Iterable[str | Path
     """Check ``path`` may be written (and replaced, with ``overwrite``) before any long work."""
     out = Path(path).expanduser()
     resolved = out.resolve()
-    if out.exists():
+    why = _protected(resolved, protect)
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"output folder {out} exists; pass --overwrite (overwrite=True) to replace it")
-        if not out.is_dir():
+        if not out.is_dir() or out.is_symlink():
             raise OutputExistsError(f"output {out} exists and is not a folder; choose another --output")
-        why = _protected(resolved, protect)
         if why:
             raise OutputExistsError(f"refusing to replace {out}: {why}; choose another --output")
-        entries = list(out.iterdir())
-        if entries and not any((out / f).exists() for f in OWN_FILES):
-            raise OutputExistsError(
-                f"refusing to replace {out}: it holds files fusegpt did not write (e.g. {entries[0].name}); "
-                "choose another --output or empty it yourself")
-    else:
-        why = _protected(resolved, protect)
-        if why:
-            raise OutputExistsError(f"refusing to write {out}: {why}; choose another --output")
+        check_replaceable(out)
+    elif why:
+        raise OutputExistsError(f"refusing to write {out}: {why}; choose another --output")
     check_writable(out.parent)
-    clean_stale(out)
     return out
 
 
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None], overwrite: bool = False,
-                     protect: Iterable[str | Path] = ()) -> Path:
+                     protect: Iterable[str | Path] = (), kind: str = "output", run_id: str | None = None) -> Path:
     """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``path``; nothing half-written is left.
 
     The temporary folder sits beside ``path`` (same file system, so the rename is atomic) and is
-    removed if ``write`` fails. An existing ``path`` is replaced only as :func:`check_output` allows.
+    removed if ``write`` fails. It gets the ``.fusegpt`` marker listing what ``write`` put there
+    (``kind``, ``run_id``: the marker's record). An existing ``path`` is replaced only as
+    :func:`check_output` allows, under the output's lock.
     """
-    out = check_output(path, overwrite, protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        apply_umask(tmp, directory=True)
-        write(tmp)
-        (tmp / MARKER).write_text("written by fusegpt; fusegpt may replace this folder (--overwrite)\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(path).expanduser()
+    with output_lock(out):
+        out = check_output(out, overwrite, protect)
+        clean_stale(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            write(tmp)
+            apply_umask_tree(tmp)
+            write_marker(tmp, kind, run_id or new_run_id())
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                out.rename(trash / out.name)
+                tmp.rename(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

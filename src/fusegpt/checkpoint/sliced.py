@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError
 from ..models import DecoderAdapter
 from ..slicing.modules import (
     ATTN_READERS,
@@ -61,9 +62,9 @@ def _resized(lin: nn.Linear, in_features: int | None = None, out_features: int |
 def apply_sliced_layout(adapter: DecoderAdapter, layout: dict) -> None:
     """Give the (stock, freshly built) model the sliced structure, with uninitialised weights."""
     if layout.get("format", FORMAT) > FORMAT:
-        raise ValueError(f"sliced format {layout['format']} is newer than this fusegpt reads; upgrade fusegpt")
+        raise ModelLoadError(f"sliced format {layout['format']} is newer than this fusegpt reads; upgrade fusegpt")
     if len(layout["layers"]) != adapter.num_layers:
-        raise ValueError(f"{SLICED_KEY} lists {len(layout['layers'])} layers but the config has {adapter.num_layers}")
+        raise ModelLoadError(f"{SLICED_KEY} lists {len(layout['layers'])} layers but the config has {adapter.num_layers}")
     D, eps = layout["hidden_size"], layout["eps"]
     emb = adapter.embed_tokens
     emb.weight = nn.Parameter(torch.empty(emb.weight.shape[0], layout["embedding"], dtype=emb.weight.dtype,

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError, UnsupportedModelError
 from ..models import DecoderAdapter, get_adapter
 from .sliced import SLICED_KEY, apply_sliced_layout, sliced_layout
 
@@ -38,13 +39,25 @@ FORMAT = 1
 _ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def read_config_json(folder: str | Path) -> dict:
+    """``folder/config.json`` as a dict, or a :class:`ModelLoadError` that names the file."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); the checkpoint's config is corrupt: restore it or "
+                             "save the model again") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object; the checkpoint's config is corrupt")
+    return raw
+
+
 def is_width_pruned(path: str | Path) -> bool:
     """True for a folder whose config.json carries per-layer widths or a sliced stream (SliceGPT):
     a checkpoint that :func:`load_width_pruned` (``fusegpt.load_pruned``) rebuilds."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    if not (Path(path) / "config.json").is_file():
         return False
-    raw = json.loads(cfg.read_text())
+    raw = read_config_json(path)
     return WIDTH_KEY in raw or SLICED_KEY in raw
 
 
@@ -63,13 +76,13 @@ def is_width_pruned_model(model: nn.Module) -> bool:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     try:
         adapter = get_adapter(model)
-        if not all(isinstance(adapter.linear_roles(b).get(r), nn.Linear) for b in adapter.layers for r in _ROLES):
-            return False
-        if getattr(cfg, "intermediate_size", None) is None:
-            return False
-        widths = layer_widths(adapter)
-    except Exception:  # families without the LLaMA layout are never width-pruned
+    except UnsupportedModelError:  # no adapter: fusegpt never width-pruned it
         return False
+    if not all(isinstance(adapter.linear_roles(b).get(r), nn.Linear) for b in adapter.layers for r in _ROLES):
+        return False  # families without the LLaMA layout (fused qkv, no gate) are never width-pruned
+    if getattr(cfg, "intermediate_size", None) is None:
+        return False
+    widths = layer_widths(adapter)
     uniform = {
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
@@ -106,7 +119,7 @@ def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
 def _sliced_layout(model: nn.Module) -> dict | None:
     try:
         adapter = get_adapter(model)
-    except Exception:  # families without an adapter are never sliced
+    except UnsupportedModelError:  # families without an adapter are never sliced
         return None
     return sliced_layout(adapter)
 
@@ -122,7 +135,7 @@ def apply_widths(adapter: DecoderAdapter, widths: dict[str, list[int]]) -> None:
     n = adapter.num_layers
     for key, vals in widths.items():
         if key in ("num_attention_heads", "num_key_value_heads", "intermediate_size") and len(vals) != n:
-            raise ValueError(f"{WIDTH_KEY}.{key} lists {len(vals)} layers but the config has {n}")
+            raise ModelLoadError(f"{WIDTH_KEY}.{key} lists {len(vals)} layers but the config has {n}")
     for i, block in enumerate(adapter.layers):
         h, kv, ffn = (widths["num_attention_heads"][i], widths["num_key_value_heads"][i],
                       widths["intermediate_size"][i])
@@ -142,7 +155,7 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{folder} holds no .safetensors weights")
+        raise ModelLoadError(f"{folder} holds no .safetensors weights")
     from safetensors import SafetensorError
 
     state: dict[str, torch.Tensor] = {}
@@ -150,7 +163,7 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"the weights in {f} cannot be read ({e}); the file is truncated or corrupt") from None
+            raise ModelLoadError(f"the weights in {f} cannot be read ({e}); the file is truncated or corrupt") from None
     return state
 
 
@@ -167,7 +180,24 @@ def _build(config, no_init_weights) -> nn.Module:
                     return auto.from_config(config, attn_implementation=attn)
             except ValueError as e:  # no such mapping, or no SDPA for this family
                 last = e
-    raise ValueError(f"cannot build a {config.model_type} model from the saved config: {last}")
+    raise ModelLoadError(f"cannot build a {config.model_type} model from the saved config: {last}")
+
+
+def folder_tokenizer(folder: str | Path):
+    """The tokenizer saved in a checkpoint folder (None when it holds none), loaded without the weights."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # the tokenizer peeks at config.json and would warn about a width checkpoint's marker model_type
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(prev)
 
 
 def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -175,14 +205,14 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     folder = Path(path)
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config_json(folder)
     widths = raw.pop(WIDTH_KEY, None)
     sliced = raw.pop(SLICED_KEY, None)
     if not widths and not sliced:
-        raise ValueError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} or {SLICED_KEY} in "
+        raise ModelLoadError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} or {SLICED_KEY} in "
                          "config.json)")
     if widths and widths.get("format", FORMAT) > FORMAT:
-        raise ValueError(f"{folder} was saved by a newer fusegpt (width format {widths['format']}); upgrade fusegpt")
+        raise ModelLoadError(f"{folder} was saved by a newer fusegpt (width format {widths['format']}); upgrade fusegpt")
     raw["model_type"] = (widths or sliced)["model_type"]
     config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     try:
@@ -201,7 +231,7 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the saved widths (missing {missing[:5]}, "
+        raise ModelLoadError(f"{folder}: weights do not match the saved widths (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -210,18 +240,7 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    tokenizer = None
-    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        # the tokenizer peeks at config.json and would warn about the marker model_type
-        prev = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        finally:
-            hf_logging.set_verbosity(prev)
+    tokenizer = folder_tokenizer(folder)
     logger.info("loaded width-pruned %s (%s, %d layers%s)", folder, raw["model_type"], adapter.num_layers,
                 f", stream sliced to {sliced['embedding']}" if sliced else "")
     return model, tokenizer

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 
-from ..checkpoint.atomic import OutputNotWritableError
-from ..data import DataError
-from ..loading import ModelLoadError
-from ..settings import ConfigError
+from ..api import state_hint
+from ..errors import FusegptError
+from ..runstate import Terminated
 from .common import RawHelpFormatter, UsageError
 from .evaluate import add_eval_parser
-from .prune import add_export_parser, add_heal_parser, add_prune_parser
-from .tools import add_bench_parser, add_report_parser, add_sweep_parser
+from .prune import add_export_parser, add_heal_parser, add_prune_parser, resume_command
+from .tools import add_bench_parser, add_recipe_parser, add_report_parser, add_sweep_parser
 
 logger = logging.getLogger("fusegpt")
 
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusegpt", description="Structured pruning of decoder LLMs.",
                                      epilog=EPILOG, formatter_class=RawHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors fusegpt reports in one line (also FUSEGPT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prune_parser(sub)
     add_heal_parser(sub)
@@ -49,27 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_recipe_parser(sub)
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors fusegpt knows (:class:`~fusegpt.errors.FusegptError`: bad input, a refused
+    operation, a failed save with its rescue) print one line and exit with their code (2, or 1 for
+    failures after the work started); anything else is a bug and keeps its traceback. SIGTERM ends a
+    run as Ctrl-C does (run state kept, resume command printed), with exit code 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    debug = args.debug or os.environ.get("FUSEGPT_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.WARNING if args.quiet or getattr(args, "json", False) else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataError, ModelLoadError, FileExistsError, OutputNotWritableError,
-            ValueError) as e:
-        print(f"fusegpt: error: {e}", file=sys.stderr)
-        return 2
-    except MemoryError as e:  # --max-memory crossed while running (the message says what to change)
-        print(f"fusegpt: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a failure while writing results (the message says what was kept, and where)
-        print(f"fusegpt: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fusegpt: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (UsageError, FusegptError) as e:
+        if debug:
+            traceback.print_exc()
+        state = getattr(e, "state", None)
+        hint = state_hint(state, getattr(e, "size", 0), True, resume_command(argv)) if state is not None else ""
+        print(f"fusegpt: error: {e}{hint}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"fusegpt: {how}; no output was written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..api import Placement
 from ..checkpoint import is_width_pruned
+from ..errors import FusegptError
 from ..loading import load_model, read_config, resolve_model_path
 
 EMBEDDED_ALIASES = ("embedded", "dense", "default")
@@ -29,8 +30,8 @@ class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """:class:`HelpFormatter` that keeps the description's line breaks (method lists)."""
 
 
-class UsageError(Exception):
-    """Bad input found before any long work; printed as one line, exit code 2."""
+class UsageError(FusegptError):
+    """Bad command-line input found before any long work; printed as one line, exit code 2."""
 
 
 def parse_value(text: str):
@@ -40,15 +41,24 @@ def parse_value(text: str):
         return text
 
 
-def settings_from(pairs: list[str] | None) -> dict:
-    """``--set KEY=VALUE`` pairs as a dict (values read as Python literals where they parse)."""
-    out = {}
+def settings_from(pairs: list[str] | None, flag: str = "--set") -> dict:
+    """``--set KEY=VALUE`` pairs as a dict (values read as Python literals where they parse); a key
+    given twice is refused (which one was meant?)."""
+    out: dict = {}
     for p in pairs or []:
         if "=" not in p:
-            raise UsageError(f"--set expects KEY=VALUE, got {p!r}")
+            raise UsageError(f"{flag} expects KEY=VALUE, got {p!r} ({flag} help lists the settings)")
         k, v = p.split("=", 1)
-        out[k.strip().replace("-", "_")] = parse_value(v.strip())
+        key = k.strip().replace("-", "_")
+        if key in out:
+            raise UsageError(f"{flag} {key} given twice ({out[key]!r} and {parse_value(v.strip())!r}); give it once")
+        out[key] = parse_value(v.strip())
     return out
+
+
+def wants_help(pairs: list[str] | None) -> bool:
+    """``--set help``: list the settings instead of running."""
+    return any(p.strip() in ("help", "?") for p in pairs or [])
 
 
 def csv(text: str, kind=str) -> list:
@@ -124,18 +134,29 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "file mapping module names to devices")
 
 
+EVAL_DEFAULTS = {"data": ("wiki", "news"), "seqlen": 512, "max_tokens": 32768}
+
+
 def add_before_after_eval_args(p: argparse.ArgumentParser) -> None:
     """Perplexity before and after the command's work (prune, heal)."""
-    p.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources before/after")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length (default 512)")
-    p.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source (default 32768)")
+    p.add_argument("--eval-data", nargs="+", default=None, help="perplexity sources before/after (default wiki news)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on evaluation tokens per source (default 32768)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
 
 
-def eval_config_of(args):
+def eval_config_of(args, base=None):
+    """The evaluation the flags ask for; unset flags take ``base``'s values (a recipe's), then the defaults."""
     from ..settings import EvalConfig
 
-    return None if args.no_eval else EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+    if args.no_eval:
+        return None
+    d = dict(EVAL_DEFAULTS) if base is None else {"data": base.data, "seqlen": base.seqlen,
+                                                    "max_tokens": base.max_tokens}
+    for key, flag in (("data", "eval_data"), ("seqlen", "eval_seqlen"), ("max_tokens", "max_tokens")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    return EvalConfig(data=tuple(d["data"]), seqlen=d["seqlen"], max_tokens=d["max_tokens"])
 
 
 def add_settings_args(p: argparse.ArgumentParser, set_help: str) -> None:

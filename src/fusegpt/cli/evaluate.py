@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +68,7 @@ def cmd_eval(args) -> int:
     if args.tasks and not args.no_update_report:  # results are printed first: a read-only folder costs nothing
         try:
             update_report(path, result["zeroshot"])
-        except OSError as e:
+        except OSError as e:  # a read-only folder, or a report.json fusegpt did not write (OutputExistsError)
             logger.warning("could not add the zero-shot results to %s/report.json (%s); they are printed above",
                            path, e.strerror or e)
     return 0
@@ -94,7 +92,13 @@ def add_zeroshot_args(e: argparse.ArgumentParser) -> None:
 
 
 def limit_of(x: float | None) -> int | float | None:
-    return None if x is None else int(x) if x >= 1 else x
+    """``--limit``: examples per task (an integer >= 1) or a fraction in (0, 1)."""
+    if x is None:
+        return None
+    if not x > 0 or (x >= 1 and x != int(x)):
+        raise UsageError(f"--limit takes a number of examples per task (an integer >= 1) or a fraction in (0, 1), "
+                         f"got {x:g}")
+    return int(x) if x >= 1 else x
 
 
 def run_zeroshot(args, model, tok) -> dict[str, Any]:
@@ -106,25 +110,21 @@ def run_zeroshot(args, model, tok) -> dict[str, Any]:
 
 
 def update_report(path: str, res: dict[str, Any]) -> None:
-    """Add zero-shot results to ``path/report.json`` when there is one (atomic replace, umask modes)."""
-    from ..checkpoint.atomic import apply_umask
+    """Add zero-shot results to ``path/report.json`` when there is one fusegpt wrote (atomic replace, recorded
+    in the folder's marker so the folder stays replaceable); a report.json fusegpt cannot prove it wrote
+    is left alone (OutputExistsError, which the caller turns into a warning)."""
+    from ..checkpoint.ownership import OwnedFolder
 
     rep = Path(path) / "report.json"
     if not rep.is_file():
         return
+    folder = OwnedFolder(path, "output")
+    folder.check(["report.json"])
     d = json.loads(rep.read_text())
     d.setdefault("extra", {}).setdefault("zeroshot", {})
     d["extra"]["zeroshot"] = {**(d["extra"]["zeroshot"] or {}), **{t: {**r, "settings": _zs_settings(res)}
                                                                  for t, r in res["tasks"].items()}}
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=rep.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(d, indent=2) + "\n")
-        apply_umask(Path(tmp), directory=False)
-        os.replace(tmp, rep)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    folder.write_text("report.json", json.dumps(d, indent=2) + "\n")
 
 
 def _zs_settings(res: dict[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpoint.ownership import FILE_KEY, check_file_output, file_record, write_json_file
 from ..data import check_source
 from ..settings import EvalConfig
-from .common import EMBEDDED_ALIASES, HelpFormatter, UsageError, add_settings_args, csv, merged_settings
+from .common import (
+    EMBEDDED_ALIASES,
+    HelpFormatter,
+    UsageError,
+    add_settings_args,
+    check_model,
+    csv,
+    merged_settings,
+)
 from .evaluate import limit_of
 
 
@@ -35,6 +44,11 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--include-path", action="append", default=None, metavar="DIR", help="local lm-eval task YAMLs")
     s.add_argument("--no-checkpoints", action="store_true", help="keep only each cell's report.json, not its weights")
     s.add_argument("--no-plots", action="store_true", help="skip rendering the sweep's plots (needs matplotlib)")
+    s.add_argument("--speed", action="append", default=[], metavar="RUNTIME[:TYPES]",
+                   help="time every cell against dense in a runtime: llamacpp:f16,q8_0,q4_k_m or torch (repeatable); "
+                        "adds a quality-vs-speed table with the Pareto front")
+    s.add_argument("--speed-rounds", type=int, default=3, help="alternating rounds of --speed")
+    s.add_argument("--speed-threads", type=int, default=1, help="threads of --speed")
     s.set_defaults(func=cmd_sweep)
 
 
@@ -56,7 +70,8 @@ def cmd_sweep(args) -> int:
     try:
         table = run_sweep(methods, sparsities, args.output, model_spec=args.model, settings=settings, eval_config=ev,
                           tasks=args.tasks, zeroshot_kw=zkw, save_checkpoints=not args.no_checkpoints,
-                          device=args.device)
+                          device=args.device, speed=args.speed, speed_rounds=args.speed_rounds,
+                          speed_threads=args.speed_threads)
     except KeyboardInterrupt:
         done = sorted(p.parent.name for p in Path(args.output).glob("*/report.json"))
         print(f"fusegpt: interrupted; the {len(done)} finished cell(s) are kept in {args.output} "
@@ -77,27 +92,42 @@ def cmd_sweep(args) -> int:
 
 # ---------------------------------------------------------------- bench
 def add_bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="parameters, prefill latency, decode tokens/s and peak memory, side by side",
-                       description="Each --model is loaded in turn and timed with warm-up and repeats (median and "
-                                   "spread). Speed-ups are against the first model, next to the ideal: the ratio of "
-                                   "decoder-block parameters.",
+    b = sub.add_parser("bench", help="speed side by side: PyTorch (prefill, decode) or llama.cpp (pp512, tg128)",
+                       description="Times every --model in the chosen runtime. torch: prefill latency, decode tokens/s "
+                                   "and peak memory (warm-up, repeats; --rounds N measures all models in alternating "
+                                   "rounds). llamacpp: each model exported to GGUF at every --dtypes type and timed as "
+                                   "llama-bench does (pp512 = one 512-token prompt, tg128 = 128 tokens one at a time), "
+                                   "all files in alternating rounds. Speed-ups are against the first model, next to "
+                                   "the ideal: the ratio of decoder-block parameters. --calibrate fits the cost model "
+                                   "--target-speedup uses.",
                        formatter_class=HelpFormatter)
     b.add_argument("--model", action="append", default=None,
                    help="a model folder / hub id / .gguf, repeatable; 'embedded' = the embedded SmolLM2 "
                         "(default: the embedded model only)")
+    b.add_argument("--runtime", choices=("torch", "llamacpp"), default="torch",
+                   help="torch (this PyTorch) or llamacpp (llama.cpp through llama-cpp-python)")
+    b.add_argument("--dtypes", default="f16", help="llamacpp: GGUF types, comma list (f16, q8_0, q4_k_m, ...)")
+    b.add_argument("--rounds", type=int, default=None, help="alternating rounds over the models (default: 3 for "
+                                                            "llamacpp, 1 for torch)")
     b.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
-    b.add_argument("--batch-sizes", default="1,4", help="comma list")
-    b.add_argument("--lengths", default="128,512", help="prompt lengths (tokens), comma list")
-    b.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode measurement")
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
-    b.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    b.add_argument("--output", default=None, help="write the JSON results here")
+    b.add_argument("--batch-sizes", default="1,4", help="torch: comma list")
+    b.add_argument("--lengths", default="128,512", help="torch: prompt lengths (tokens), comma list")
+    b.add_argument("--decode-tokens", type=int, default=32, help="torch: tokens generated per decode measurement")
+    b.add_argument("--warmup", type=int, default=1, help="torch: untimed runs before each measurement")
+    b.add_argument("--repeats", type=int, default=5, help="torch: timed runs per measurement and round")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 for llamacpp)")
+    b.add_argument("--calibrate", action="store_true",
+                   help="fit this machine's cost model for the first --model's architecture in --runtime (timings of "
+                        "random models of the pruned shapes; kept in the cache) instead of timing the models")
+    b.add_argument("--output", default=None, help="write the JSON results here (after the table is printed)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --output (only a bench JSON fusegpt "
+                                                             "wrote)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    from ..bench import bench_llamacpp, check_runtime, format_llamacpp
     from ..eval.speed import bench_models, format_table
 
     specs = [None if m in EMBEDDED_ALIASES else m for m in (args.model or ["embedded"])]
@@ -105,20 +135,37 @@ def cmd_bench(args) -> int:
         batch_sizes, lengths = csv(args.batch_sizes, int), csv(args.lengths, int)
     except ValueError:
         raise UsageError("--batch-sizes and --lengths take comma lists of integers") from None
-    if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1:
-        raise UsageError("--repeats and --decode-tokens must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1 or (args.rounds is not None and args.rounds < 1):
+        raise UsageError("--repeats, --rounds and --decode-tokens must be >= 1, --warmup >= 0")
     if not batch_sizes or not lengths or min(batch_sizes) < 1 or min(lengths) < 1:
         raise UsageError(f"--batch-sizes and --lengths take positive integers, got {args.batch_sizes!r} and "
                          f"{args.lengths!r}")
-    res = bench_models(specs, batch_sizes=batch_sizes, lengths=lengths, decode_tokens=args.decode_tokens,
-                       warmup=args.warmup, repeats=args.repeats, device=args.device, threads=args.threads)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res) if args.json else format_table(res))
-    if not any(m["rows"] for m in res["models"]):
-        raise UsageError("nothing was measured: every --lengths value (plus --decode-tokens) exceeds the model's "
-                         "context; give shorter lengths")
+    dtypes = csv(args.dtypes)
+    check_runtime(args.runtime, dtypes)
+    for spec in specs:
+        check_model(spec, need_adapter=True)
+    out = check_file_output(args.output, args.overwrite, what="--output") if args.output else None  # before the work
+    if args.calibrate:
+        from ..speedmodel import calibrate
+
+        res = calibrate(specs[0], args.runtime, dtype=dtypes[0], threads=args.threads or 1,
+                        rounds=args.rounds or 2, device=args.device)
+        print(json.dumps(res.to_dict()) if args.json else res.describe())
+    elif args.runtime == "llamacpp":
+        res = bench_llamacpp(specs, dtypes, rounds=args.rounds or 3, threads=args.threads or 1,
+                             names=[m for m in (args.model or ["embedded"])])
+        print(json.dumps(res) if args.json else format_llamacpp(res))
+        res = {**res}
+    else:
+        res = bench_models(specs, batch_sizes=batch_sizes, lengths=lengths, decode_tokens=args.decode_tokens,
+                           warmup=args.warmup, repeats=args.repeats, device=args.device, threads=args.threads,
+                           rounds=args.rounds or 1)
+        print(json.dumps(res) if args.json else format_table(res))  # printed first: a failed write loses nothing
+        if not any(m["rows"] for m in res["models"]):
+            raise UsageError("nothing was measured: every --lengths value (plus --decode-tokens) exceeds the model's "
+                             "context; give shorter lengths")
+    if out is not None:
+        write_json_file(out, {FILE_KEY: file_record("bench"), **(res if isinstance(res, dict) else res.to_dict())})
     return 0
 
 
@@ -139,8 +186,37 @@ def cmd_report(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """Register ``sweep``, ``bench`` and ``report`` on the ``fusegpt`` sub-parsers."""
-    add_sweep_parser(sub)
-    add_bench_parser(sub)
-    add_report_parser(sub)
+# ---------------------------------------------------------------- recipe
+def add_recipe_parser(sub) -> None:
+    r = sub.add_parser("recipe", help="write a run's recipe (its explicit settings and presets) as YAML",
+                       description="Read a run's report.json (or a recipe file) and print, or write with --output, the "
+                                   "recipe that fusegpt prune --recipe re-runs: per step the method, sparsity, preset "
+                                   "and explicit settings; healing; the evaluation protocol; the model.",
+                       formatter_class=HelpFormatter)
+    r.add_argument("source", help="a run folder, its report.json, or a recipe .yaml/.json")
+    r.add_argument("--output", default=None, help="write the YAML here instead of printing it")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    r.set_defaults(func=cmd_recipe)
+
+
+def cmd_recipe(args) -> int:
+    from ..checkpoint.ownership import check_file_output
+    from ..methods.recipe import Recipe
+
+    src = Path(args.source)
+    recipe = Recipe.load(src / "report.json" if src.is_dir() else src)
+    text = recipe.to_yaml()
+    if args.output is None:
+        print(text, end="")
+        return 0
+    out = check_file_output(args.output, args.overwrite, proven=_is_recipe(Path(args.output)), what="--output")
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+def _is_recipe(path: Path) -> bool:
+    try:
+        return path.is_file() and path.read_text().startswith("fusegpt_recipe:")
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -17,12 +17,12 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import DataError
+
 TEST_FRACTION = 0.2
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
-class DataError(ValueError):
-    """A data source is missing, empty or too short; the message names the fix."""
 
 
 def _package_dir(name: str, hint: str) -> Path:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ def perplexity(
         tokens = tokens[:max_tokens]
     n = tokens.numel() // seqlen
     if n == 0:
-        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of seqlen={seqlen}")
+        raise DataError(f"{tokens.numel()} tokens are fewer than one window of seqlen={seqlen}; lower the seqlen")
     windows = tokens[: n * seqlen].view(n, seqlen)
     from ..offload import offloader_of
 

@@ -47,7 +47,7 @@ def _stats(times: list[float]) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
 
 
-def _measure(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+def _measure(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -57,7 +57,7 @@ def _measure(fn: Callable[[], None], warmup: int, repeats: int, device: torch.de
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return _stats(times)
+    return times
 
 
 def param_summary(model) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def bench_model(
                 return model(ids, use_cache=True)
 
             with PeakMemory(device) as mem:
-                pre = _measure(prefill, warmup, repeats, device)
+                pre_times = _measure(prefill, warmup, repeats, device)
                 first = model(ids, use_cache=True)  # one prefill; each decode run starts from a copy of its cache
 
                 kw = _cache_name(model)
@@ -121,20 +121,36 @@ def bench_model(
                     decode()
                 dec_times = [decode() for _ in range(repeats)]
                 del first
-            dec = _stats(dec_times)
-            tps = [bs * decode_tokens / t for t in dec_times]
-            rows.append({
-                "batch": bs, "length": n,
-                "prefill_s": pre, "prefill_tokens_per_s": bs * n / pre["median"],
-                "decode_s": dec, "decode_tokens_per_s": {"median": statistics.median(tps), "min": min(tps),
-                                                         "max": max(tps)},
-                "peak_memory_mb": round(mem.peak_mb, 1),
-                "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process RSS",
-            })
-            logger.info("batch %d, length %d: prefill %.3fs, decode %.1f tok/s", bs, n, pre["median"],
-                        rows[-1]["decode_tokens_per_s"]["median"])
+            rows.append(_row(bs, n, decode_tokens, pre_times, dec_times, mem.peak_mb, device))
+            logger.info("batch %d, length %d: prefill %.3fs, decode %.1f tok/s", bs, n,
+                        rows[-1]["prefill_s"]["median"], rows[-1]["decode_tokens_per_s"]["median"])
     model.train(was_training)
     return {**param_summary(model), "device": str(device), "rows": rows}
+
+
+def _row(bs: int, n: int, decode_tokens: int, pre_times: list[float], dec_times: list[float], peak_mb: float,
+         device: torch.device) -> dict[str, Any]:
+    """One (batch, length) measurement from its raw times (kept, so rounds can be pooled)."""
+    pre, dec = _stats(pre_times), _stats(dec_times)
+    tps = [bs * decode_tokens / t for t in dec_times]
+    return {"batch": bs, "length": n, "prefill_s": pre, "prefill_tokens_per_s": bs * n / pre["median"],
+            "decode_s": dec, "decode_tokens_per_s": {"median": statistics.median(tps), "min": min(tps), "max": max(tps)},
+            "peak_memory_mb": round(peak_mb, 1),
+            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process RSS",
+            "times": {"prefill": pre_times, "decode": dec_times}}
+
+
+def pool_rounds(runs: list[dict[str, Any]], decode_tokens: int) -> dict[str, Any]:
+    """One model's result from several rounds of :func:`bench_model`: every round's times pooled per row."""
+    out = dict(runs[0])
+    rows = []
+    for i, row in enumerate(runs[0]["rows"]):
+        pre = [t for r in runs for t in r["rows"][i]["times"]["prefill"]]
+        dec = [t for r in runs for t in r["rows"][i]["times"]["decode"]]
+        peak = max(r["rows"][i]["peak_memory_mb"] for r in runs)
+        rows.append(_row(row["batch"], row["length"], decode_tokens, pre, dec, peak, torch.device(runs[0]["device"])))
+    out["rows"] = rows
+    return out
 
 
 def compare(results: list[dict[str, Any]]) -> None:
@@ -162,8 +178,14 @@ def bench_models(
     device: str | None = None,
     threads: int | None = None,
     loader: Callable[[str | None, str], tuple[Any, Any]] | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Load each model in turn (``None`` = the embedded one), time it, free it; compare to the first."""
+    """Time every model (``None`` = the embedded one) and compare to the first.
+
+    ``rounds > 1``: all models are loaded at once and measured in alternating rounds (A B A B ...),
+    ``repeats`` each per round, so that load on a shared machine hits every model alike (the times
+    of all rounds are pooled); ``rounds=1`` loads, times and frees one model after the other.
+    """
     from ..loading import load_model
     from ..report import library_versions
 
@@ -172,21 +194,33 @@ def bench_models(
         torch.set_num_threads(threads)
     loader = loader or (lambda spec, dev: load_model(spec, device=dev))
     results = []
-    for spec in specs:
-        model, _tok = loader(spec, device)
-        logger.info("bench %s on %s", spec or "embedded", device)
-        r = bench_model(model, batch_sizes, lengths, decode_tokens, warmup, repeats)
-        r["model"] = spec or "embedded:SmolLM2-135M-Instruct"
-        results.append(r)
-        del model
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    if rounds <= 1:
+        for spec in specs:
+            model, _tok = loader(spec, device)
+            logger.info("bench %s on %s", spec or "embedded", device)
+            r = bench_model(model, batch_sizes, lengths, decode_tokens, warmup, repeats)
+            r["model"] = spec or "embedded:SmolLM2-135M-Instruct"
+            results.append(r)
+            del model
+            gc.collect()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        models = [loader(spec, device)[0] for spec in specs]
+        runs: list[list[dict[str, Any]]] = [[] for _ in models]
+        for k in range(rounds):
+            for i, model in enumerate(models):
+                runs[i].append(bench_model(model, batch_sizes, lengths, decode_tokens, warmup if k == 0 else 0,
+                                           repeats))
+        for spec, r in zip(specs, runs, strict=True):
+            results.append({**pool_rounds(r, decode_tokens), "model": spec or "embedded:SmolLM2-135M-Instruct"})
     compare(results)
     return {
         "models": results,
+        "runtime": "torch",
         "settings": {"batch_sizes": list(batch_sizes), "lengths": list(lengths), "decode_tokens": decode_tokens,
-                     "warmup": warmup, "repeats": repeats, "device": device, "threads": torch.get_num_threads()},
+                     "warmup": warmup, "repeats": repeats, "rounds": rounds, "device": device,
+                     "threads": torch.get_num_threads()},
         "versions": library_versions(),
         "note": "median over repeats; spread = min..max. Ideal speed-up = ratio of decoder-block parameters.",
     }

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import FusegptError
 from .proxies import CHANCE, PROXY_TASKS, data_version, write_proxy_tasks
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ TASK_ALIASES = {"paper": FUSEGPT_TASKS, "fusegpt": FUSEGPT_TASKS, "slimgpt": SLI
 METRICS = ("acc", "acc_norm", "perplexity")
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(FusegptError, ValueError):
     """lm-eval is missing, a task is unknown, or its data cannot be read; the message says what to do."""
 
 

@@ -17,10 +17,13 @@ A layer with no LoRA rank and no terms is what :func:`merge_fused` turns into a 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ConfigError
 
 
 def _kaiming(shape: tuple[int, int]) -> torch.Tensor:
@@ -35,6 +38,10 @@ class FusionTerm(nn.Module):
     ``fused_weight`` (and ``fused_bias``) are frozen buffers; several layers may share one
     tensor (the seven blocks of a group all reference the removed block's weight).
     """
+
+    fused_weight: torch.Tensor
+    fused_bias: torch.Tensor | None
+    coef_b: nn.Parameter | None
 
     def __init__(self, fused_weight: torch.Tensor, rank: int, fused_bias: torch.Tensor | None = None,
                  init: bool = True):
@@ -57,7 +64,7 @@ class FusionTerm(nn.Module):
         return (self.coef_C.float() @ self.coef_D.float()) * self.fused_weight.float()
 
     def delta_bias(self) -> torch.Tensor | None:
-        if self.coef_b is None:
+        if self.coef_b is None or self.fused_bias is None:
             return None
         return self.coef_b.float() * self.fused_bias.float()
 
@@ -102,12 +109,12 @@ class FusedLinear(nn.Module):
     def add_term(self, fused_weight: torch.Tensor, fused_bias: torch.Tensor | None = None, *, rank: int) -> FusionTerm:
         """Fuse one more block into this layer (the paper's incremental rule)."""
         if tuple(fused_weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
+            raise ConfigError(
                 f"cannot fuse a {tuple(fused_weight.shape)} weight into a ({self.out_features}, {self.in_features}) "
                 "layer: blocks of a group must share widths (GQA heads, FFN size); fuse before width pruning"
             )
         if fused_bias is not None and self.bias is None:
-            raise ValueError("the removed block's layer has a bias but this layer has none; widths/biases must match")
+            raise ConfigError("the removed block's layer has a bias but this layer has none; widths/biases must match")
         term = FusionTerm(fused_weight, rank, fused_bias if self.bias is not None else None)
         self.terms.append(term)
         return term
@@ -123,7 +130,7 @@ class FusedLinear(nn.Module):
         with torch.no_grad():
             w = self.weight.float()
             b = None if self.bias is None else self.bias.float()
-            for t in list(self.terms)[:n]:
+            for t in self.term_list()[:n]:
                 w = w + t.delta_weight()
                 db = t.delta_bias()
                 if db is not None and b is not None:
@@ -150,10 +157,14 @@ class FusedLinear(nn.Module):
         self._cache = None
 
     # ------------------------------------------------------------------ maths
+    def term_list(self) -> list[FusionTerm]:
+        """The fusion terms, oldest first (typed: ``nn.ModuleList`` iterates as plain modules)."""
+        return [t for t in self.terms if isinstance(t, FusionTerm)]
+
     def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """``(lora, coefficients)``: the LoRA pair, and every C, D, c of the terms."""
         lora = [p for p in (self.lora_A, self.lora_B) if p is not None]
-        coef = [p for t in self.terms for p in (t.coef_C, t.coef_D, t.coef_b) if p is not None]
+        coef = [p for t in self.term_list() for p in (t.coef_C, t.coef_D, t.coef_b) if p is not None]
         return lora, coef
 
     def _key(self) -> tuple:
@@ -166,7 +177,7 @@ class FusedLinear(nn.Module):
         w = self.weight.float()
         if self.lora_A is not None:
             w = w + self.lora_B.float() @ self.lora_A.float()
-        for t in self.terms:
+        for t in self.term_list():
             w = w + t.delta_weight()
         return w
 
@@ -174,7 +185,7 @@ class FusedLinear(nn.Module):
         if self.bias is None:
             return None
         b = self.bias.float()
-        for t in self.terms:
+        for t in self.term_list():
             db = t.delta_bias()
             if db is not None:
                 b = b + db
@@ -244,3 +255,8 @@ def merge_fused(module: nn.Module) -> int:
         else:
             n += merge_fused(child)
     return n
+
+
+def fused_roles(roles: Mapping[str, nn.Module]) -> dict[str, FusedLinear]:
+    """The roles of a block (``adapter.linear_roles``) that are fused layers."""
+    return {r: m for r, m in roles.items() if isinstance(m, FusedLinear)}

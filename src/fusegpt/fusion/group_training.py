@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,48 @@ class TrainResult:
     lr_scale: float = 1.0
     diverged: bool = False
     steps: int = 0
+
+
+@dataclass
+class GroupResult:
+    """What fusing (or fine-tuning) one partial group did, one per removed block: the record the loop,
+    the run state, ``report.json`` (``iterations[i]`` and ``details.groups``) and the report page share.
+
+    Losses are the group loss on the training windows (``loss_start`` before training, ``loss_end``
+    after, ``loss_per_epoch``) and on the held-in validation windows (``val_loss_per_epoch[0]`` =
+    before training, ``val_end`` = what the group kept). ``fused``: the block went in as fusion terms
+    (False for MI+FT and for a group that fell back to plain removal: ``diverged`` or ``reverted``).
+    """
+
+    loss_start: float
+    loss_per_epoch: list[float] = field(default_factory=list)
+    loss_end: float | None = None
+    worse: bool | None = None
+    retries: int = 0
+    lr_scale: float = 1.0
+    fused: bool = False
+    diverged: bool = False
+    reverted: bool = False
+    val_start: float | None = None
+    val_loss_per_epoch: list[float] | None = None
+    best_epoch: int | None = None
+    val_end: float | None = None
+    linear_fold: list[dict] | None = None
+    trial_scores: dict[str, float] | None = None
+    group: list[int] = field(default_factory=list)  # original indices, the removed block included
+    removed: int | None = None  # original index
+
+    @property
+    def fell_back(self) -> bool:
+        return self.diverged or self.reverted
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GroupResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Diverged(RuntimeError):
@@ -311,8 +353,8 @@ def train_group(
     if settings.keep_best and best is not None and not result.diverged:
         result.best_epoch = best[1]
         with torch.no_grad():
-            for p, v in zip(params, best[2], strict=True):
-                p.copy_(v)
+            for p, kept in zip(params, best[2], strict=True):
+                p.copy_(kept)
     result.lr_scale = scale
     result.steps = step
     return result

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 from ..blocks import remove_blocks, scores_by_origin
 from ..data import calibration_windows
 from ..importance import candidate_blocks, lowest
-from ..linear_map import SOLVERS, contiguous_runs, fit_spans, fold_into_predecessor
+from ..linear_map import SOLVERS, check_map_tokens, contiguous_runs, fit_spans, fold_into_predecessor
 from ..memory import EstimateEnv, ModelGeometry, act_bytes
 from ..models import DecoderAdapter
 from ..report import StepReport
 from ..runstate import RunContext
-from ..settings import PruneConfig, blocks_to_remove, check, check_choice, check_int
+from ..settings import PruneConfig, blocks_to_remove, check, setting
 from ..timing import block_flops, head_flops, seconds
 
 logger = logging.getLogger(__name__)
@@ -62,19 +62,25 @@ class BlockPruneConfig(PruneConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 32, "seqlen": 2048},
                                                     "cpu": dict(CPU_RANKING)}
 
-    early_barrier: int | None = None
-    latter_barrier: int | None = None
-    linear_fold: str | None = None
-    fold_nsamples: int | None = None
-    fold_seqlen: int | None = None
+    early_barrier: int | None = setting("int", "first blocks that are never candidates", low=0)
+    latter_barrier: int | None = setting("int", "last blocks that are never candidates", low=0)
+    linear_fold: str | None = setting("choice", "before each removal, fold a fitted linear map of the removed run "
+                                      "into the block before it (ls, cosine; none = off; not in any paper)",
+                                      choices=LINEAR_FOLDS)
+    fold_nsamples: int | None = setting("int", "windows the linear_fold maps are fitted on", low=1)
+    fold_seqlen: int | None = setting("int", "tokens per linear_fold window", low=2)
 
-    def validate(self) -> None:
-        super().validate()
-        check_int("early_barrier", self.early_barrier, 0)
-        check_int("latter_barrier", self.latter_barrier, 0)
-        check_choice("linear_fold", self.linear_fold, LINEAR_FOLDS)
-        check_int("fold_nsamples", self.fold_nsamples)
-        check_int("fold_seqlen", self.fold_seqlen, 2)
+    def windows(self) -> list[tuple[str, int, str]]:
+        out = super().windows()
+        if self.linear_fold not in (None, "none"):
+            out.append((self.calib_source, self.fold_nsamples * self.fold_seqlen, "fold_nsamples × fold_seqlen"))
+        return out
+
+    def plan_model(self, geometry) -> None:
+        super().plan_model(geometry)
+        if self.linear_fold not in (None, "none"):
+            check_map_tokens(self.fold_nsamples * self.fold_seqlen, geometry.hidden, 0.0, "linear_fold",
+                             "fold_nsamples × fold_seqlen")
 
     def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
         super().derive(values, origins)

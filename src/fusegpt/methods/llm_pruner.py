@@ -34,7 +34,7 @@ from torch import nn
 from ..memory import EstimateEnv, ModelGeometry
 from ..report import StepReport
 from ..runstate import RunContext
-from ..settings import check_choice, check_int
+from ..settings import check, setting
 from ..timing import block_flops, head_flops, seconds
 from ..width import width_roles
 from .block_scoring import calibration_for
@@ -62,15 +62,28 @@ class LLMPrunerConfig(SlimGPTConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 10, "seqlen": 64},
                                                     "cpu": {"nsamples": 10, "seqlen": 64}}
 
-    taylor: str | None = None
-    keep_first: int | None = None
-    keep_last: int | None = None
+    taylor: str | None = setting("choice", "element (sum of |w·g| per row/column, the reference's default) or "
+                                 "vector (|sum of w·g|)", choices=TAYLOR)
+    keep_first: int | None = setting("int", "first blocks kept whole", low=0)
+    keep_last: int | None = setting("int", "last blocks kept whole", low=0)
 
-    def validate(self) -> None:
-        super().validate()
-        check_choice("taylor", self.taylor, TAYLOR)
-        check_int("keep_first", self.keep_first, 0)
-        check_int("keep_last", self.keep_last, 0)
+    def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        super().derive(values, origins)
+        if values.get("layout") == "uniform":  # every block alike: none kept whole unless asked (then refused)
+            for k in ("keep_first", "keep_last"):
+                if origins.get(k) != "explicit":
+                    values[k], origins[k] = 0, "layout uniform"
+
+    def check_across(self) -> None:
+        super().check_across()
+        # unset keep_* become 0 under layout=uniform (derive); only explicit ones can be non-zero here
+        check(not (self.layout == "uniform" and (self.keep_first or self.keep_last)),
+              "layout=uniform prunes every block alike; keep_first / keep_last keep some whole: set them to 0")
+
+    def plan_placement(self, offload: bool, device_type: str) -> None:
+        super().plan_placement(offload, device_type)
+        check(not offload, "llm-pruner needs the whole model's gradients at once and does not run layer-wise "
+                           "(--offload); run it resident, or use slimgpt, which runs layer-wise")
 
 
 def taylor_statistics(adapter, calib: torch.Tensor, taylor: str, batch_size: int) -> dict[tuple[int, str], torch.Tensor]:
@@ -108,9 +121,7 @@ def taylor_statistics(adapter, calib: torch.Tensor, taylor: str, batch_size: int
 
 def run_llm_pruner(ctx: RunContext, cfg: LLMPrunerConfig, step: StepReport) -> None:
     adapter = ctx.adapter
-    if adapter.offloader is not None:
-        raise ValueError("llm-pruner needs the whole model's gradients at once and does not run layer-wise "
-                         "(--offload); run it resident, or use slimgpt, which runs layer-wise")
+    cfg.plan_placement(adapter.offloader is not None, adapter.device.type)  # checked in the plan too
     from ..width import plan_widths
 
     plan_widths(adapter, cfg, start_params=ctx.start_decoder_params)  # an impossible budget fails before the backward

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..settings import check_float
+from ..settings import setting
 from .fusegpt import group_method
 from .fusegpt.config import GroupTrainConfig
 from .registry import register
@@ -19,11 +19,10 @@ class MIFTConfig(GroupTrainConfig):
     """
 
     method: ClassVar[str] = "mi+ft"
-    lr: float | None = None
+    lr: float | None = setting("float", "learning rate of the group's LoRA and norms", low=0.0)
 
-    def validate(self) -> None:
-        super().validate()
-        check_float("lr", self.lr)
+    def rates(self) -> tuple[float, float]:
+        return 0.0, self.lr
 
 
 register(group_method("mi+ft", MIFTConfig, fuse=False, summary="MI + FT: FuseGPT's loop without fusion (drop, "

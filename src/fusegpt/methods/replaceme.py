@@ -43,6 +43,7 @@ import torch
 from ..blocks import remove_blocks
 from ..linear_map import (
     SOLVERS,
+    check_map_tokens,
     contiguous_runs,
     fit_spans,
     fold_into_predecessor,
@@ -52,7 +53,7 @@ from ..linear_map import (
 from ..memory import EstimateEnv, ModelGeometry, act_bytes
 from ..report import StepReport
 from ..runstate import RunContext
-from ..settings import ConfigError, blocks_to_remove, check, check_choice, check_float, check_int
+from ..settings import ConfigError, blocks_to_remove, check, setting
 from ..timing import block_flops, seconds
 from .block_scoring import BlockPruneConfig, calibration_for
 from .registry import Method, register
@@ -74,29 +75,32 @@ class ReplaceMeConfig(BlockPruneConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 1024},
                                                     "cpu": {"nsamples": 64, "seqlen": 256}}
 
-    spans: int | None = None
-    span_choice: str | None = None
-    solver: str | None = None
-    ridge: float | None = None
-    distance_tokens: str | None = None
-    cosine_epochs: int | None = None
-    cosine_lr: float | None = None
-    cosine_batch: int | None = None
-    cosine_init: str | None = None
+    spans: int | None = setting("int", "spans of contiguous blocks removed (near-equal lengths; adjacent ones merge)",
+                                low=1)
+    span_choice: str | None = setting("choice", "distance (the paper's angular distance) or residual (each "
+                                      "candidate's own least-squares fit; not in the paper)", choices=SPAN_CHOICES)
+    solver: str | None = setting("choice", "ls (least squares, fp64), cosine (Adam on 1 - cos) or identity (no map)",
+                                 choices=(*SOLVERS, "identity"))
+    ridge: float | None = setting("float", "ridge of the least-squares fit, relative to the mean diagonal of MᵀM",
+                                  low=0.0)
+    distance_tokens: str | None = setting("choice", "tokens the distances average over: all, or each window's last",
+                                          choices=("all", "last"))
+    cosine_epochs: int | None = setting("int", "cosine solver: epochs", low=1)
+    cosine_lr: float | None = setting("float", "cosine solver: Adam learning rate", low=0.0, open_low=True)
+    cosine_batch: int | None = setting("int", "cosine solver: tokens per step", low=1)
+    cosine_init: str | None = setting("choice", "cosine solver: start from identity or from the ls map",
+                                      choices=("identity", "ls"))
 
-    def validate(self) -> None:
-        super().validate()
-        check_int("spans", self.spans)
-        check_choice("span_choice", self.span_choice, SPAN_CHOICES)
-        check_choice("solver", self.solver, (*SOLVERS, "identity"))
-        check_float("ridge", self.ridge, 0.0)
-        check_choice("distance_tokens", self.distance_tokens, ("all", "last"))
-        check_int("cosine_epochs", self.cosine_epochs)
-        check_float("cosine_lr", self.cosine_lr, 0.0, open_low=True)
-        check_int("cosine_batch", self.cosine_batch)
-        check_choice("cosine_init", self.cosine_init, ("identity", "ls"))
+    def check_across(self) -> None:
+        super().check_across()
         check(self.linear_fold in (None, "none"), "replaceme always fits a linear map; choose it with solver=ls|cosine, "
               "not linear_fold")
+
+    def plan_model(self, geometry) -> None:
+        super().plan_model(geometry)
+        if self.solver == "ls" or (self.solver == "cosine" and self.cosine_init == "ls"):
+            check_map_tokens(self.nsamples * self.seqlen, geometry.hidden, self.ridge, "replaceme",
+                             "nsamples × seqlen")
 
     def plan_layers(self, n_layers: int) -> int:
         left = super().plan_layers(n_layers)

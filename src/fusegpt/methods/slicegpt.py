@@ -33,7 +33,7 @@ from ..memory import EstimateEnv, ModelGeometry, act_bytes
 from ..models import DecoderAdapter
 from ..report import StepReport
 from ..runstate import RunContext
-from ..settings import PruneConfig, check_bool, check_choice, check_float, check_int
+from ..settings import PruneConfig, setting
 from ..slicing.modules import ATTN_READERS, MLP_READERS, PARTS
 from ..slicing.rotate import block_roles, check_layout, rotate_and_slice
 from ..timing import block_flops, seconds
@@ -55,19 +55,12 @@ class SliceGPTConfig(PruneConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 1024, "seqlen": 2048},
                                                     "cpu": {"nsamples": 32, "seqlen": 512}}
 
-    target: str | None = None
-    round_interval: int | None = None
-    slice_head: bool | None = None
-    damp: float | None = None
-    batch_size: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        check_choice("target", self.target, TARGETS)
-        check_int("round_interval", self.round_interval)
-        check_bool("slice_head", self.slice_head)
-        check_float("damp", self.damp)
-        check_int("batch_size", self.batch_size)
+    target: str | None = setting("choice", "params (decoder loses sparsity of its parameters, shortcuts included) or "
+                                 "dim (the paper's slicing: d' = (1 - s)·D)", choices=TARGETS)
+    round_interval: int | None = setting("int", "d' is a multiple of this", low=1)
+    slice_head: bool | None = setting("bool", "slice the last block's output and the LM head too")
+    damp: float | None = setting("float", "PCA damping, a fraction of the mean diagonal", low=0.0)
+    batch_size: int | None = setting("int", "calibration windows per block forward", low=1)
 
 
 def sliced_params(adapter: DecoderAdapter, dim: int, slice_head: bool) -> int:

@@ -13,6 +13,7 @@ import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class DecoderAdapter:
 
     def __init__(self, model: nn.Module, origin: Sequence[int] | None = None):
         self.model = model
-        self.config = model.config
+        self.config: Any = model.config
         self._origin = list(origin) if origin is not None else None
         if self._origin is not None and len(self._origin) != self.num_layers:
             raise ValueError(f"origin lists {len(self._origin)} blocks, the model has {self.num_layers}")
@@ -150,6 +151,16 @@ class DecoderAdapter:
         for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
             if hasattr(attn, name):
                 setattr(attn, name, value)
+
+    def set_uniform_widths(self, n_heads: int, n_kv_heads: int, ffn: int) -> None:
+        """Every block now has these widths: write them into the config (``head_dim`` explicit, since
+        ``hidden_size / num_attention_heads`` no longer gives it), so the model is a stock one of its
+        architecture and ``save_pretrained`` writes a checkpoint stock ``from_pretrained`` rebuilds."""
+        cfg = self.config
+        cfg.head_dim = self.head_dim
+        cfg.num_attention_heads = n_heads
+        cfg.num_key_value_heads = n_kv_heads
+        cfg.intermediate_size = ffn
 
     # ------------------------------------------------------------------ running
     def layer_type(self, index: int) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import DecoderAdapter
 from .registry import register_adapter
 
@@ -136,7 +137,7 @@ class GPT2Adapter(DecoderAdapter):
     # ------------------------------------------------------------------ editing
     def check_removable(self) -> None:
         if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
-            raise ValueError("cannot remove blocks of a GPT-2 with scale_attn_by_inverse_layer_idx=True: "
+            raise ConfigError("cannot remove blocks of a GPT-2 with scale_attn_by_inverse_layer_idx=True: "
                              "its attention scale depends on the layer index")
 
     def _set_layers(self, layers: nn.ModuleList) -> None:

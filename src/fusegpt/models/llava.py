@@ -23,6 +23,7 @@ from functools import cache
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import DecoderAdapter
 from .registry import adapter_class, register_adapter
 
@@ -49,7 +50,7 @@ class LlavaAdapter(DecoderAdapter):
             return super().__new__(cls)
         text_type = model.config.text_config.model_type
         if text_type not in cls.text_types:
-            raise ValueError(f"{model.config.model_type} with a {text_type!r} language tower is not supported; "
+            raise UnsupportedModelError(f"{model.config.model_type} with a {text_type!r} language tower is not supported; "
                              f"supported towers: {', '.join(cls.text_types)}")
         return super().__new__(_combined(cls, adapter_class(text_type)))
 

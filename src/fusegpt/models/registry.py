@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import DecoderAdapter
 
 _ADAPTERS: dict[str, type[DecoderAdapter]] = {}
@@ -25,11 +26,11 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_class(model_type: str) -> type[DecoderAdapter]:
-    """The adapter class for ``model_type``; a ValueError listing the supported ones otherwise."""
+    """The adapter class for ``model_type``; an :class:`UnsupportedModelError` listing the supported ones otherwise."""
     try:
         return _ADAPTERS[model_type]
     except KeyError:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"unsupported model type {model_type!r}: pruning needs an adapter, and fusegpt has them for "
             f"{', '.join(supported_model_types())} (fusegpt eval still measures any causal LM's perplexity)"
         ) from None

@@ -34,10 +34,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..errors import FusegptError
+
 logger = logging.getLogger(__name__)
 
 
-class HessianError(ValueError):
+class HessianError(FusegptError, ValueError):
     """The Hessian is not positive definite after dampening; the message names the setting to raise."""
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 STORAGES = ("cpu", "disk")
@@ -60,7 +62,7 @@ class BlockOffloader:
 
     def __init__(self, device: str | torch.device, storage: str = "disk", folder: str | Path | None = None):
         if storage not in STORAGES:
-            raise ValueError(f"offload storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+            raise ConfigError(f"offload storage must be one of {', '.join(STORAGES)}, got {storage!r}")
         self.device = torch.device(device)
         self.storage = storage
         self._own_folder = folder is None and storage == "disk"

@@ -18,6 +18,8 @@ import functools
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 # the linear roles that read the stream (after the attention / MLP norm) and that write it
 ATTN_READERS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
@@ -75,7 +77,7 @@ def make_sliced(block: nn.Module) -> nn.Module:
     """Give ``block`` the sliced forward and identity shortcuts (None), in place; returns it."""
     missing = [n for n in PARTS if not hasattr(block, n)]
     if missing:
-        raise ValueError(f"{type(block).__name__} has no {', '.join(missing)}: not a LLaMA-layout pre-norm block")
+        raise ConfigError(f"{type(block).__name__} has no {', '.join(missing)}: not a LLaMA-layout pre-norm block")
     if not isinstance(block, SlicedBlockMixin):
         block.__class__ = sliced_class(type(block))
         block.register_parameter("attn_shortcut_Q", None)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import FusegptError
 from ..models import DecoderAdapter
 from .modules import (
     ATTN_READERS,
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 
-class SliceError(ValueError):
+class SliceError(FusegptError, ValueError):
     """The model's structure does not allow SliceGPT's rotation; the message says what and why."""
 
 

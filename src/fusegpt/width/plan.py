@@ -1,5 +1,12 @@
 """Width plans: per-layer head counts and FFN widths that meet a parameter budget (ALGORITHMS.md §3).
 
+**Alignment** (``align``, SlimGPT / LLM-Pruner / magnitude): every layer's kept FFN width is a
+multiple of ``align`` (or the unpruned width), and its kept query heads × head_dim too (or all heads),
+so the projections' row lengths fit llama.cpp's quantisation blocks (32 for q8_0 / q4_0, 256 for the
+k-quants) and the kernels' tiles. Which channels and heads go is still the method's choice; only
+how many is rounded. **Layout** ``uniform``: every layer gets the same widths (the schedule is
+``uniform`` and no block is kept whole), so the result is a stock checkpoint of its architecture.
+
 **Budget.** ``sparsity`` is a fraction of the decoder-block parameters at the start of the run
 (see :class:`~fusegpt.methods.slimgpt.SlimGPTConfig`). Each layer gets a ratio r_l from the
 schedule; it keeps the head count (allowed by the GQA rule, :mod:`fusegpt.width.geometry`)
@@ -71,14 +78,29 @@ class WidthPlan:
         return 1.0 - self.params_after / self.params_start
 
 
-def _layer_plan(i: int, w: BlockWidth, rule: str, r: float, cap: float) -> LayerPlan:
+def aligned_heads(w: BlockWidth, rule: str, align: int) -> list[tuple[int, int, int]]:
+    """Head options whose ``heads × head_dim`` (the rows of o_proj's input) is a multiple of ``align``;
+    keeping every head is always allowed (the unpruned width is what the kernels already run)."""
+    return [o for o in head_options(w, rule) if o[0] == w.n_heads or (o[0] * w.head_dim) % align == 0]
+
+
+def aligned_channels(ffn: int, kept: int, align: int) -> int:
+    """The FFN width nearest to ``kept`` that is a multiple of ``align`` (at least ``align``), or the
+    unpruned ``ffn`` (ties go to the wider); ``align=1`` returns ``kept``."""
+    if align <= 1:
+        return kept
+    cands = [*range(align, ffn + 1, align), ffn]
+    return min(cands, key=lambda m: (abs(m - kept), -m))
+
+
+def _layer_plan(i: int, w: BlockWidth, rule: str, r: float, cap: float, align: int = 1) -> LayerPlan:
     r = min(max(r, 0.0), cap)
     target = r * w.total
     want = w.n_heads * (1.0 - r)
-    opts = [o for o in head_options(w, rule) if o[2] <= target + 1e-6]
+    opts = [o for o in aligned_heads(w, rule, align) if o[2] <= target + 1e-6]
     heads, kv, attn_removed = min(opts, key=lambda o: (abs(o[0] - want), -o[0]))
     n_ch = int(round((target - attn_removed) / w.per_channel))
-    n_ch = min(max(n_ch, 0), w.ffn - 1)
+    n_ch = w.ffn - aligned_channels(w.ffn, w.ffn - min(max(n_ch, 0), w.ffn - 1), align)
     removed = attn_removed + n_ch * w.per_channel
     return LayerPlan(i, r, (w.n_heads, heads), (w.n_kv, kv), (w.ffn, w.ffn - n_ch),
                      (w.total, w.total - removed), rule)
@@ -110,7 +132,12 @@ def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -
             f"the model already has {1 - now / start:.1%} fewer decoder parameters than at the start of the run, "
             f"at least {cfg.method}'s total target {cfg.sparsity:.1%}; raise its sparsity"
         )
-    shape = schedule_shape(cfg.schedule, len(widths))
+    align = getattr(cfg, "align", 1) or 1
+    uniform = getattr(cfg, "layout", "per-layer") == "uniform"
+    if uniform and any(w != widths[0] for w in widths):
+        raise ConfigError("layout=uniform needs blocks of equal widths to start from (this model's differ: it was "
+                          "width-pruned before); use --set layout=per-layer")
+    shape = schedule_shape("uniform" if uniform else cfg.schedule, len(widths))
     first, last = getattr(cfg, "keep_first", 0) or 0, getattr(cfg, "keep_last", 0) or 0
     if first or last:  # blocks kept whole (LLM-Pruner keeps the first and last few): ratio min_ratio there
         if first + last >= len(widths):
@@ -118,7 +145,7 @@ def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -
         shape = [0.0 if i < first or i >= len(widths) - last else f for i, f in enumerate(shape)]
 
     def build(r_max: float) -> list[LayerPlan]:
-        return [_layer_plan(i, w, rule, cfg.min_ratio + (r_max - cfg.min_ratio) * f, cfg.max_layer_ratio)
+        return [_layer_plan(i, w, rule, cfg.min_ratio + (r_max - cfg.min_ratio) * f, cfg.max_layer_ratio, align)
                 for i, (w, rule, f) in enumerate(zip(widths, rules, shape, strict=True))]
 
     def removed(plans: list[LayerPlan]) -> int:
@@ -130,8 +157,9 @@ def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -
         raise ConfigError(
             f"sparsity {cfg.sparsity} is not reachable by width pruning with schedule={cfg.schedule}, "
             f"max_layer_ratio={cfg.max_layer_ratio} and the {rules[0]} head rule: at most {1 - (now - best) / start:.1%} "
-            f"of the decoder parameters can go (every layer keeps at least one head group and one FFN channel); "
-            f"lower the sparsity, raise max_layer_ratio or use --set schedule=uniform"
+            f"of the decoder parameters can go (every layer keeps at least one head group and one FFN channel"
+            f"{f', widths multiples of align={align}' if align > 1 else ''}); lower the sparsity, raise "
+            f"max_layer_ratio, lower align or use --set schedule=uniform"
         )
     lo = cfg.min_ratio
     if removed(build(lo)) >= need:

@@ -58,7 +58,11 @@ def prune_widths(adapter: DecoderAdapter, calib: torch.Tensor | None, chooser: U
             hidden, info = _prune_block(adapter, chooser, plan.layers[i], i, block, hidden, ctxs, origin[i])
         per_layer.append(info)
     bar.close()
+    shapes = {(adapter.num_heads(b), adapter.num_kv_heads(b), adapter.intermediate_size(b)) for b in adapter.layers}
+    if len(shapes) == 1:  # every layer alike: a stock config describes it (a stock checkpoint results)
+        adapter.set_uniform_widths(*shapes.pop())
     step.details.update({
+        "layout": "uniform" if not shapes else "per-layer",
         "sparsity_target": plan.sparsity,
         "sparsity_basis": "decoder-block parameters at the start of the run",
         "sparsity_achieved": round(plan.achieved, 6),

@@ -35,6 +35,7 @@ named (pass ``pre=``).
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import torch
@@ -43,12 +44,12 @@ from torch import nn
 from ...models import get_adapter
 from ..width import is_width_pruned_model, layer_widths
 from .errors import ExportError, gguf_module
-from .quant import DTYPES, check_dtype, encode, file_type
+from .quant import DTYPES, K_QUANTS, check_dtype, encode, file_type, quantize_k
 from .vocab import PRE_KEY, add_tokenizer, pre_for, probe_hash, resolve_pre, tokenizer_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "GGUF_FAMILIES", "PRE_KEY", "ExportError", "check_exportable", "export_gguf", "gguf_arch",
+__all__ = ["DTYPES", "GGUF_FAMILIES", "K_QUANTS", "RUN_ID_KEY", "check_gguf_output", "is_fusegpt_gguf", "PRE_KEY", "ExportError", "check_exportable", "export_gguf", "gguf_arch",
            "permute_rotary", "probe_hash", "resolve_pre"]
 
 # model type -> (GGUF architecture, Q/K rows permuted to llama.cpp's rotary layout, q/k/v biases written)
@@ -183,22 +184,70 @@ def _add_hparams(writer, model: nn.Module, arch: str) -> None:
     writer.add_vocab_size(int(cfg.vocab_size))
 
 
+RUN_ID_KEY = "fusegpt.run_id"  # proves a GGUF file was written by fusegpt (so --overwrite may replace it)
+
+
+def is_fusegpt_gguf(path: Path) -> bool:
+    """True when ``path`` is a GGUF file carrying fusegpt's :data:`RUN_ID_KEY`."""
+    gguf = gguf_module()
+    try:
+        return RUN_ID_KEY in gguf.GGUFReader(str(path)).fields
+    except (OSError, ValueError, KeyError, IndexError):  # not a GGUF file (or a truncated one)
+        return False
+
+
+def check_gguf_output(path: str | Path, overwrite: bool, inputs=()) -> Path:
+    """Check the export target before any work: not an input (the model's folder, its files, the source
+    GGUF), and, if it exists, replaced only with ``overwrite`` and only when fusegpt wrote it."""
+    from ...errors import OutputExistsError
+    from ..atomic import check_writable
+
+    out = Path(path).expanduser()
+    resolved = out.resolve()
+    for p in inputs:
+        p = Path(p).expanduser().resolve()
+        if resolved == p or p in resolved.parents:
+            raise OutputExistsError(f"refusing to write {out}: it is (or is inside) the input {p}; choose another "
+                                    "--gguf")
+    if out.exists() or out.is_symlink():
+        if not out.is_file() or out.is_symlink():
+            raise OutputExistsError(f"{out} exists and is not a file; choose another --gguf")
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+        if not is_fusegpt_gguf(out):
+            raise OutputExistsError(f"refusing to replace {out}: it is not a GGUF file fusegpt wrote; choose another "
+                                    "--gguf or delete it yourself")
+    check_writable(out.parent)
+    return out
+
+
+def display_name(config) -> str:
+    """``general.name``: the model's name, never a local path (a folder's own name instead)."""
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name:
+        return "fusegpt-pruned"
+    p = Path(name).expanduser()
+    if p.is_absolute() or p.exists() or name.startswith((".", "~")):
+        return p.resolve().name or "fusegpt-pruned"
+    return name
+
+
 @torch.no_grad()
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32", name: str | None = None,
-                overwrite: bool = False, pre: str | None = None) -> Path:
+                overwrite: bool = False, pre: str | None = None, inputs=(), threads: int = 0) -> Path:
     """Write ``model`` (and ``tokenizer``, may be ``None``) to the GGUF file ``path``; returns it.
 
-    ``dtype``: one of :data:`DTYPES` for the 2-D weights (norms stay f32; see :mod:`.quant`).
+    ``dtype``: one of :data:`DTYPES` for the 2-D weights (norms stay f32; see :mod:`.quant`); a
+    k-quant is an f16 file quantised by llama.cpp (``threads`` for it, 0 = its default).
     ``pre``: force ``tokenizer.ggml.pre`` (a name llama.cpp knows) instead of deriving it. Every
     check runs before the file is opened; the file is written to a temporary name beside ``path``
-    and renamed, so a failure leaves nothing half-written; an existing ``path`` is refused unless
-    ``overwrite``.
+    and renamed, so a failure leaves nothing half-written; an existing ``path`` is replaced only
+    with ``overwrite`` and only if fusegpt wrote it (:data:`RUN_ID_KEY`); ``inputs`` (the model's
+    folder or files) are never written.
     """
     gguf = gguf_module()
     check_dtype(dtype)
-    out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    out = check_gguf_output(path, overwrite, inputs)
     check_exportable(model)
     cfg = model.config
     spec = tokenizer_spec(tokenizer) if tokenizer is not None else None  # parsed once, checked before writing
@@ -207,8 +256,10 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(tmp), arch)
+    f16 = "f16" if dtype in K_QUANTS else dtype
     try:
-        writer.add_name(name or getattr(cfg, "_name_or_path", None) or "fusegpt-pruned")
+        writer.add_name(name or display_name(cfg))
+        writer.add_string(RUN_ID_KEY, uuid.uuid4().hex)
         writer.add_file_type(file_type(dtype))
         _add_hparams(writer, model, arch)
         if tokenizer is not None:
@@ -216,13 +267,22 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f32
         else:
             logger.warning("no tokenizer: the GGUF file holds weights only (llama.cpp needs a tokenizer to serve it)")
         for tname, t in _tensors(model):
-            data, raw = encode(tname, t.detach().float().cpu().numpy(), dtype)
+            data, raw = encode(tname, t.detach().float().cpu().numpy(), f16)
             writer.add_tensor(tname, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        tmp.replace(out)
+        if dtype in K_QUANTS:
+            quant = out.with_name(f".{out.name}.q.tmp")
+            try:
+                quantize_k(str(tmp), str(quant), dtype, threads)
+                quant.replace(out)
+            finally:
+                quant.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
+        else:
+            tmp.replace(out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

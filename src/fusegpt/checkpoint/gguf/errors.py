@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ...errors import FusegptError
 
-class ExportError(ValueError):
+
+class ExportError(FusegptError, ValueError):
     """The model or tokenizer cannot be written as GGUF; the message says why."""
 
 

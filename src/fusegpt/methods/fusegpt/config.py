@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...settings import check, check_bool, check_choice, check_float, check_int
+from ...settings import check, setting
 from ..block_scoring import CPU_RANKING, BlockPruneConfig
 
 GROUP_LOSSES = ("kl-batch", "mse", "cosine", "mse+cosine", "kl-logits")
@@ -84,58 +84,63 @@ class GroupTrainConfig(BlockPruneConfig):
                                           "lora_restart": False, "sink_ratio": 10.0}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = GROUP_TRAIN_PRESETS
 
-    group_size: int | None = None
-    lora_rank: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    loss: str | None = None
-    ft_nsamples: int | None = None
-    ft_seqlen: int | None = None
-    ft_source: str | None = None
-    mi_batch_size: int | None = None
-    train_norms: bool | None = None
-    max_retries: int | None = None
-    retry_lr_factor: float | None = None
-    amp_dtype: str | None = None
-    revert_if_worse: bool | None = None
-    training: str | None = None
-    warmup: float | None = None
-    clip_grad: float | None = None
-    val_nsamples: int | None = None
-    keep_best: bool | None = None
-    selection: str | None = None
-    trial_candidates: int | None = None
-    trial_epochs: int | None = None
-    trial_rank: int | None = None
-    lora_restart: bool | None = None
-    sink_ratio: float | None = None
+    group_size: int | None = setting("int", "blocks in the partial group, the removed one included (4 before it, "
+                                     "3 after)", low=1)
+    lora_rank: int | None = setting("int", "LoRA rank on the group's own weights (0 = no LoRA)", low=0)
+    epochs: int | None = setting("int", "passes over the fine-tuning windows per group", low=1)
+    batch_size: int | None = setting("int", "fine-tuning windows per step", low=1)
+    loss: str | None = setting("choice", "group loss: kl-batch (the paper's softmax over the batch), mse, cosine, "
+                               "mse+cosine, kl-logits", choices=GROUP_LOSSES)
+    ft_nsamples: int | None = setting("int", "fine-tuning windows", low=1)
+    ft_seqlen: int | None = setting("int", "tokens per fine-tuning window", low=2)
+    ft_source: str | None = setting("str", "fine-tuning text (default: the calibration source)")
+    mi_batch_size: int | None = setting("int", "ranking windows per forward", low=1)
+    train_norms: bool | None = setting("bool", "train the group's norm weights too")
+    max_retries: int | None = setting("int", "retries of a diverged group at lower learning rates", low=0)
+    retry_lr_factor: float | None = setting("float", "learning-rate factor of each retry", low=0.0, high=1.0,
+                                            open_low=True, open_high=True, hint="e.g. 0.1")
+    amp_dtype: str | None = setting("choice", "autocast dtype on CUDA (auto = the model's)", choices=AMP_DTYPES)
+    revert_if_worse: bool | None = setting("bool", "undo a group whose training loss did not fall (not in the paper)")
+    training: str | None = setting("choice", "stable (warm-up, clipping, validation, best epoch, sink damping) or "
+                                   "paper (the reference's plain procedure)", choices=TRAININGS)
+    warmup: float | None = setting("float", "share of a group's steps with a linear learning-rate warm-up",
+                                   low=0.0, high=1.0)
+    clip_grad: float | None = setting("float", "gradient norm clip (0 = off)", low=0.0)
+    val_nsamples: int | None = setting("int", "held-in validation windows per group (0 = none)", low=0)
+    keep_best: bool | None = setting("bool", "keep the group's best validation epoch (epoch 0 = untrained counts)")
+    selection: str | None = setting("choice", "mi (lowest Macro Influence) or fuse-trial (trial-fuse the lowest "
+                                    "candidates, keep the best)", choices=SELECTIONS)
+    trial_candidates: int | None = setting("int", "fuse-trial: candidates tried per iteration", low=1)
+    trial_epochs: int | None = setting("int", "fuse-trial: epochs of each trial", low=1)
+    trial_rank: int | None = setting("int", "fuse-trial: LoRA / coefficient rank of the trials", low=1)
+    lora_restart: bool | None = setting("bool", "fold earlier groups' LoRA into the weights and start fresh pairs")
+    sink_ratio: float | None = setting("float", "damp tokens whose teacher norm is above this many times the "
+                                       "window's median (the attention sink; 0 = off)", low=0.0)
 
-    def validate(self) -> None:
-        super().validate()
-        for name in ("group_size", "epochs", "batch_size", "ft_nsamples", "mi_batch_size"):
-            check_int(name, getattr(self, name))
-        check_int("ft_seqlen", self.ft_seqlen, 2)
-        check_int("lora_rank", self.lora_rank, 0)
-        check_int("max_retries", self.max_retries, 0)
-        check_choice("loss", self.loss, GROUP_LOSSES)
-        check(self.retry_lr_factor is None or (isinstance(self.retry_lr_factor, (int, float))
-                                               and 0 < self.retry_lr_factor < 1),
-              f"retry_lr_factor must be in (0, 1), e.g. 0.1, got {self.retry_lr_factor!r}")
-        check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        check_bool("train_norms", self.train_norms)
-        check_bool("revert_if_worse", self.revert_if_worse)
-        check_choice("training", self.training, TRAININGS)
-        check_float("warmup", self.warmup, 0.0, 1.0)
-        check_float("clip_grad", self.clip_grad)
-        check_int("val_nsamples", self.val_nsamples, 0)
-        check_bool("keep_best", self.keep_best)
-        check_bool("lora_restart", self.lora_restart)
-        check_float("sink_ratio", self.sink_ratio)
-        check_choice("selection", self.selection, SELECTIONS)
-        for name in ("trial_candidates", "trial_epochs", "trial_rank"):
-            check_int(name, getattr(self, name))
+    def check_across(self) -> None:
+        super().check_across()
         check(not (self.keep_best and self.val_nsamples == 0),
               "keep_best needs validation windows (val_nsamples >= 1); set keep_best=False or val_nsamples")
+
+    def plan_placement(self, offload: bool, device_type: str) -> None:
+        super().plan_placement(offload, device_type)
+        check(not (offload and self.selection == "fuse-trial"),
+              "selection=fuse-trial does not run layer-wise (--offload) yet; use selection=mi, or run resident")
+
+    def rates(self) -> tuple[float, float]:
+        """``(coefficient rate, LoRA-and-norm rate)`` of group training (the subclass says which setting)."""
+        raise NotImplementedError
+
+    def fusion(self) -> tuple[int, int]:
+        """``(coefficient rank, max_terms)`` of the fused terms; ``(0, 0)`` when the method does not fuse."""
+        return 0, 0
+
+    def windows(self) -> list[tuple[str, int, str]]:
+        out = super().windows() + [(self.ft_source, self.ft_nsamples * self.ft_seqlen, "ft_nsamples × ft_seqlen")]
+        if self.val_nsamples:  # validation windows overlap neither each other nor the training windows
+            out.append((self.ft_source, 2 * (self.ft_nsamples + self.val_nsamples) * self.ft_seqlen,
+                        "2 × (ft_nsamples + val_nsamples) × ft_seqlen (non-overlapping validation windows)"))
+        return out
 
     def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
         super().derive(values, origins)
@@ -159,14 +164,14 @@ class FuseGPTConfig(GroupTrainConfig):
     """
 
     method: ClassVar[str] = "fusegpt"
-    coef_rank: int | None = None
-    lr_coef: float | None = None
-    lr_base: float | None = None
-    max_terms: int | None = None
+    coef_rank: int | None = setting("int", "rank of the fusion coefficients C·D", low=1)
+    lr_coef: float | None = setting("float", "learning rate of the fusion coefficients", low=0.0)
+    lr_base: float | None = setting("float", "learning rate of LoRA and norms", low=0.0)
+    max_terms: int | None = setting("int", "fused terms kept trainable per layer before older ones are merged "
+                                    "(0 = never merge)", low=0)
 
-    def validate(self) -> None:
-        super().validate()
-        check_int("coef_rank", self.coef_rank)
-        check_float("lr_coef", self.lr_coef)
-        check_float("lr_base", self.lr_base)
-        check_int("max_terms", self.max_terms, 0)
+    def rates(self) -> tuple[float, float]:
+        return self.lr_coef, self.lr_base
+
+    def fusion(self) -> tuple[int, int]:
+        return self.coef_rank, self.max_terms

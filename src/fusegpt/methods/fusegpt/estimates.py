@@ -26,8 +26,9 @@ from .config import GroupTrainConfig
 
 def group_memory(g: ModelGeometry, cfg: GroupTrainConfig, env: EstimateEnv, fuse: bool) -> dict[str, dict[str, int]]:
     gs = min(cfg.group_size, g.n_layers)
-    terms = max(1, cfg.max_terms or 1) if fuse else 0
-    trainable = (gs - 1) * (cfg.lora_rank + terms * (cfg.coef_rank if fuse else 0)) * g.roles_io
+    coef_rank, max_terms = cfg.fusion()
+    terms = max(1, max_terms or 1) if fuse else 0
+    trainable = (gs - 1) * (cfg.lora_rank + terms * (coef_rank if fuse else 0)) * g.roles_io
     blk = env.resident_block(g)
     return {
         f"{cfg.method} MI ranking": scoring_memory(g, cfg, env, batch=cfg.mi_batch_size),

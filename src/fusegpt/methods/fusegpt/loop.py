@@ -25,9 +25,9 @@ training can restore the group exactly.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,9 +37,11 @@ from ...blocks import remove_blocks, scores_by_origin
 from ...data import calibration_windows, heldout_windows
 from ...fusion import (
     FusedLinear,
+    GroupResult,
     TrainSettings,
     eval_loss,
     frozen_weight,
+    fused_roles,
     group_window,
     run_group,
     train_group,
@@ -103,7 +105,7 @@ def merge_model(adapter: DecoderAdapter) -> int:
     """Merge every fused layer into a plain ``nn.Linear`` (fp32, cast back); returns the count."""
     n = 0
     for i, block in enumerate(adapter.layers):
-        fused = {role: mod for role, mod in adapter.linear_roles(block).items() if isinstance(mod, FusedLinear)}
+        fused = fused_roles(adapter.linear_roles(block))
         if not fused:
             continue
         with adapter.using([i], write=True):
@@ -127,7 +129,7 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupT
             if fuse:
                 w, b = p_weights[role]
                 dev = fl.weight.device  # p may sit on another GPU under a device map
-                fl.add_term(w.to(dev), None if b is None else b.to(dev), rank=cfg.coef_rank)
+                fl.add_term(w.to(dev), None if b is None else b.to(dev), rank=cfg.fusion()[0])
             if fl is not lin:
                 adapter.set_linear(block, role, fl)
             out.append(fl)
@@ -136,7 +138,7 @@ def _fuse_group(adapter: DecoderAdapter, p: int, student: list[int], cfg: GroupT
 
 def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor, fuse: bool, it: int,
                     seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None,
-                    fold: Callable[[], list] | None = None) -> dict[str, Any]:
+                    fold: Callable[[], list] | None = None) -> GroupResult:
     """Steps 3–4 for block ``p`` (current index) and its ``group``; p is not removed here.
 
     ``val``: held-in validation windows (see :class:`GroupTrainConfig`). On an offloaded model the
@@ -149,7 +151,7 @@ def _fuse_and_train(adapter: DecoderAdapter, p: int, group: list[int], ft: torch
 def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], ft: torch.Tensor | None, fuse: bool,
                              it: int, seed: int, cfg: GroupTrainConfig, val: torch.Tensor | None = None,
                              cached: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             fold: Callable[[], list] | None = None) -> dict[str, Any]:
+                             fold: Callable[[], list] | None = None) -> GroupResult:
     """``cached``: the group's (inputs, teacher outputs) on the training windows, when already known.
     ``fold``: ``linear_fold``'s fit-and-fold of p's map into its predecessor, run once the teacher
     outputs are taken (the teacher is the model with p, before the fold) and before training."""
@@ -181,14 +183,13 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
         for q in norms:
             q.data = q.data.float()
     settings = TrainSettings(
-        epochs=cfg.epochs, batch_size=bs, lr_coef=cfg.lr_coef if fuse else 0.0,
-        lr_base=cfg.lr_base if fuse else cfg.lr, loss=cfg.loss, seed=seed * 1009 + it,
+        epochs=cfg.epochs, batch_size=bs, lr_coef=cfg.rates()[0] if fuse else 0.0,
+        lr_base=cfg.rates()[1], loss=cfg.loss, seed=seed * 1009 + it,
         max_retries=cfg.max_retries, retry_lr_factor=cfg.retry_lr_factor, amp_dtype=amp,
         warmup=cfg.warmup, clip_grad=cfg.clip_grad, keep_best=cfg.keep_best, sink_ratio=cfg.sink_ratio,
     )
-    info: dict[str, Any] = {"loss_start": eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio)}
-    if folds:
-        info["linear_fold"] = folds
+    info = GroupResult(loss_start=eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio),
+                       linear_fold=folds or None)
     for q in (*lora, *coef, *norms):
         q.requires_grad_(True)
     try:
@@ -202,14 +203,14 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             q.data = q.data.to(dt)
     failed = res.diverged
     if not res.diverged:
-        info["loss_end"] = eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio)
-        info["worse"] = info["loss_end"] >= info["loss_start"]
-        failed = cfg.revert_if_worse and info["worse"]
-    info.update(loss_per_epoch=res.loss_per_epoch, retries=res.retries, lr_scale=res.lr_scale,
-                fused=fuse and not failed, diverged=res.diverged, reverted=failed and not res.diverged)
+        info.loss_end = eval_loss(adapter, student, inputs, targets, cfg.loss, bs, cfg.sink_ratio)
+        info.worse = info.loss_end >= info.loss_start
+        failed = bool(cfg.revert_if_worse and info.worse)
+    info.loss_per_epoch, info.retries, info.lr_scale = res.loss_per_epoch, res.retries, res.lr_scale
+    info.fused, info.diverged, info.reverted = fuse and not failed, res.diverged, failed and not res.diverged
     if val_pair is not None:
-        info.update(val_loss_per_epoch=res.val_loss_per_epoch, best_epoch=res.best_epoch,
-                    val_start=res.val_loss_per_epoch[0] if res.val_loss_per_epoch else None)
+        info.val_loss_per_epoch, info.best_epoch = res.val_loss_per_epoch, res.best_epoch
+        info.val_start = res.val_loss_per_epoch[0] if res.val_loss_per_epoch else None
     if failed:
         with torch.no_grad():
             for q, v in zip((*lora, *coef, *norms), snapshot, strict=True):
@@ -218,13 +219,13 @@ def _fuse_and_train_resident(adapter: DecoderAdapter, p: int, group: list[int], 
             if isinstance(mod, FusedLinear):
                 mod.terms = nn.ModuleList(list(mod.terms)[:n_terms])
             adapter.set_linear(adapter.layers[j], role, mod)
-        why = "diverged" if res.diverged else f"did not lower the loss ({info['loss_start']:.4g} -> {info['loss_end']:.4g})"
+        why = "diverged" if res.diverged else f"did not lower the loss ({info.loss_start:.4g} -> {info.loss_end:.4g})"
         logger.warning("training %s for block %d; kept the plain removal for it", why, adapter.origin[p])
-    elif fuse and cfg.max_terms:
+    elif fuse and cfg.fusion()[1]:
         for fl in fused:
-            fl.merge_oldest(cfg.max_terms)
+            fl.merge_oldest(cfg.fusion()[1])
     if val_pair is not None:
-        info["val_end"] = eval_loss(adapter, student, val_pair[0], val_pair[1], cfg.loss, bs, cfg.sink_ratio)
+        info.val_end = eval_loss(adapter, student, val_pair[0], val_pair[1], cfg.loss, bs, cfg.sink_ratio)
     return info
 
 
@@ -300,12 +301,12 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
     val = heldout_windows(ctx.tokenizer, cfg.ft_source, cfg.val_nsamples, cfg.ft_seqlen, seed, cfg.ft_nsamples) \
         if cfg.val_nsamples else None
     fold_set = fold_windows(ctx, cfg)
-    if cfg.selection == "fuse-trial" and adapter.offloader is not None:
-        raise ValueError("selection=fuse-trial does not run layer-wise (--offload) yet; use selection=mi")
+    cfg.plan_placement(adapter.offloader is not None, adapter.device.type)  # checked in the plan too
     flags = {id(q): q.requires_grad for q in adapter.model.parameters()}
     start = 0
     if ctx.resume and has_state(state_dir):
-        start = load_state(state_dir, adapter, step, settings)
+        start, ctx.earlier_s = load_state(state_dir, adapter, step, settings)
+        step.resumed = {"after_iterations": start, "earlier_wall_time_s": round(ctx.earlier_s, 3)}
     elif ctx.resume:
         logger.warning("--resume: no run state in %s; starting from the beginning", state_dir)
     for q in adapter.model.parameters():
@@ -324,27 +325,24 @@ def run_group_pruning(ctx: RunContext, cfg: GroupTrainConfig, step: StepReport, 
             group = group_window(p, adapter.num_layers, cfg.group_size)
             origin = adapter.origin
             info = _fuse_and_train(adapter, p, group, ft, fuse, it, seed, cfg, val,
-                                   fold=lambda p=p: fold_before_removal(adapter, cfg, fold_set, [p]))
-            if trial is not None:
-                info["trial_scores"] = trial
-            info["group"] = [origin[j] for j in group]
+                                   fold=functools.partial(fold_before_removal, adapter, cfg, fold_set, [p]))
+            info.trial_scores = trial
+            info.group = [origin[j] for j in group]
             by_origin = scores_by_origin(adapter, scores)
             removed = remove_blocks(adapter, [p])
-            step.add_iteration(by_origin, removed, **info)
-            step.details["groups"].append({"removed": removed[0], "group": info["group"],
-                                           "loss_start": info["loss_start"], "loss_per_epoch": info["loss_per_epoch"],
-                                           "loss_end": info.get("loss_end"),
-                                           **{k: info[k] for k in ("val_start", "val_loss_per_epoch", "best_epoch",
-                                                                   "val_end", "trial_scores") if k in info}})
-            if info["diverged"] or info.get("reverted"):
+            info.removed = removed[0]
+            record = info.to_dict()
+            step.add_iteration(by_origin, removed, **{k: v for k, v in record.items() if k != "removed"})
+            step.details["groups"].append(record)
+            if info.fell_back:
                 step.details["fallbacks"].append(removed[0])
             logger.info("%s removed block %d (group %s), loss %.4g -> %s, after training %s%s", cfg.method,
-                        removed[0], info["group"], info["loss_start"], [round(x, 6) for x in info["loss_per_epoch"]],
-                        f"{info['loss_end']:.4g}" if "loss_end" in info else "-",
-                        f"; validation {[round(x, 6) for x in info['val_loss_per_epoch']]}, kept epoch "
-                        f"{info['best_epoch']}" if info.get("val_loss_per_epoch") else "")
+                        removed[0], info.group, info.loss_start, [round(x, 6) for x in info.loss_per_epoch],
+                        f"{info.loss_end:.4g}" if info.loss_end is not None else "-",
+                        f"; validation {[round(x, 6) for x in info.val_loss_per_epoch]}, kept epoch "
+                        f"{info.best_epoch}" if info.val_loss_per_epoch else "")
             if state_dir is not None:
-                save_state(state_dir, adapter, step, it + 1, settings)
+                save_state(state_dir, adapter, step, it + 1, settings, ctx.step_elapsed())
             _after_iteration(it)
         step.details["merged_layers"] = merge_model(adapter)
     finally:

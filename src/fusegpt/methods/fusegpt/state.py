@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...checkpoint.atomic import atomic_write_dir
-from ...fusion import FusedLinear, FusionTerm
+from ...errors import RunStateError
+from ...fusion import FusedLinear, FusionTerm, fused_roles
 from ...models import DecoderAdapter
 from ...report import StepReport
 
@@ -31,17 +33,20 @@ def fused_spec(adapter: DecoderAdapter) -> dict[str, dict[str, dict]]:
     """``{block index: {role: FusedLinear.spec()}}`` for every fused layer of the current model."""
     out: dict[str, dict[str, dict]] = {}
     for i, block in enumerate(adapter.layers):
-        roles = {r: m.spec() for r, m in adapter.linear_roles(block).items() if isinstance(m, FusedLinear)}
+        roles = {r: m.spec() for r, m in fused_roles(adapter.linear_roles(block)).items()}
         if roles:
             out[str(i)] = roles
     return out
 
 
-def save_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, done: int, settings: dict[str, Any]) -> None:
-    """Write the state after ``done`` iterations (atomic replace of ``path``)."""
+def save_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, done: int, settings: dict[str, Any],
+               elapsed_s: float = 0.0) -> None:
+    """Write the state after ``done`` iterations (atomic replace of ``path``); ``elapsed_s``: the
+    step's wall time so far (earlier runs included), so a resumed run reports its whole time."""
     payload = {
         "version": STATE_VERSION,
         "done": done,
+        "elapsed_s": round(elapsed_s, 3),
         "settings": settings,
         "origin": adapter.origin,
         "spec": fused_spec(adapter),
@@ -61,7 +66,7 @@ def save_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, done
                     torch.save(block.state_dict(), tmp / "blocks" / f"{i}.pt")
         (tmp / "state.json").write_text(json.dumps(payload, indent=1) + "\n")
 
-    atomic_write_dir(path, write, overwrite=True)
+    atomic_write_dir(path, write, overwrite=True, kind="run state")
     logger.info("saved run state after %d block(s) to %s", done, path)
 
 
@@ -83,26 +88,40 @@ def has_state(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / "state.json").is_file() and (Path(path) / "model.pt").is_file()
 
 
-def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, settings: dict[str, Any]) -> int:
-    """Bring the (freshly loaded, unpruned) model to the saved state; returns iterations done.
+def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch.load's ways of failing
+        raise RunStateError(f"the run state file {path} cannot be read ({str(e).splitlines()[0][:120]}): it is "
+                            "truncated or corrupt; start again with --restart (fusegpt never loads such a file with "
+                            "weights_only=False)") from None
+
+
+def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, settings: dict[str, Any]
+               ) -> tuple[int, float]:
+    """Bring the (freshly loaded, unpruned) model to the saved state; returns the iterations done and the
+    wall time they took.
 
     Refuses a state made with other settings (the result would not match an uninterrupted run).
     """
     path = Path(path)
-    payload = json.loads((path / "state.json").read_text())
+    try:
+        payload = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStateError(f"{path / 'state.json'} is not valid JSON ({e}); start again with --restart") from None
     if payload.get("version") != STATE_VERSION:
-        raise ValueError(f"run state in {path} has version {payload.get('version')}; delete it and start again")
+        raise RunStateError(f"run state in {path} has version {payload.get('version')}; start again with --restart")
     saved = payload["settings"]
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if diff:
-        raise ValueError(f"run state in {path} was made with other settings ({', '.join(diff)}); "
-                         "run without --resume (or delete the folder) to start again")
+        raise RunStateError(f"run state in {path} was made with other settings ({', '.join(diff)}); "
+                            "give the same settings to continue it, or --restart to start again")
     origin = adapter.origin
     if origin != list(range(adapter.num_layers)) and origin != payload["origin"]:
-        raise ValueError("--resume needs the original (unpruned) model as input")
+        raise RunStateError("--resume needs the original (unpruned) model as input")
     keep = [origin.index(o) for o in payload["origin"]]
     adapter.keep_layers(keep)
-    sd = torch.load(path / "model.pt", map_location=adapter.device, weights_only=True)
+    sd = _load_tensors(path / "model.pt", adapter.device)
     spec = payload["spec"]
     if adapter.offloader is None:
         for i, (block, pre) in enumerate(zip(adapter.layers, adapter.block_prefixes(), strict=True)):
@@ -114,17 +133,17 @@ def load_state(path: str | Path, adapter: DecoderAdapter, step: StepReport, sett
         block_keys = tuple(adapter.block_prefixes())
         missing = [k for k in missing if not k.startswith(block_keys)]
         for i, block in enumerate(adapter.layers):
-            sd_b = torch.load(path / "blocks" / f"{i}.pt", map_location=adapter.device, weights_only=True)
+            sd_b = _load_tensors(path / "blocks" / f"{i}.pt", adapter.device)
             with adapter.using([i], write=True):
                 _restore_fused(adapter, block, spec.get(str(i), {}), sd_b)
                 m_b, u_b = block.load_state_dict(sd_b, strict=False)
             missing += m_b
             unexpected += u_b
     if missing or unexpected:
-        raise ValueError(f"run state in {path} does not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); delete it and start again")
+        raise RunStateError(f"run state in {path} does not match the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); start again with --restart")
     step.removed = list(payload["removed"])
     step.iterations = list(payload["iterations"])
     step.details = dict(payload["details"])
     logger.info("resumed from %s after %d block(s)", path, payload["done"])
-    return int(payload["done"])
+    return int(payload["done"]), float(payload.get("elapsed_s", 0.0))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...settings import PruneConfig, check, check_bool, check_choice, check_float, check_int
+from ...settings import PruneConfig, check, setting
 from ...width import WIDTH_SCHEDULES
 
 HEAD_RULES = ("auto", "equal_per_group", "kv_groups")
+LAYOUTS = ("per-layer", "uniform")
 
 
 @dataclass
@@ -40,41 +41,43 @@ class SlimGPTConfig(PruneConfig):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "calib_source": "news", "schedule": "log_increase", "min_ratio": 0.0, "max_layer_ratio": 0.9,
         "head_rule": "auto", "percdamp": 0.01, "gcd": True, "dgs": True, "ffn_group_min": 64,
-        "ffn_group_max": 1024, "batch_size": 8}
+        "ffn_group_max": 1024, "batch_size": 8, "align": 1, "layout": "per-layer"}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 2048},
                                                     "cpu": {"nsamples": 32, "seqlen": 512}}
 
-    schedule: str | None = None
-    min_ratio: float | None = None
-    max_layer_ratio: float | None = None
-    head_rule: str | None = None
-    percdamp: float | None = None
-    gcd: bool | None = None
-    dgs: bool | None = None
-    ffn_group_min: int | None = None
-    ffn_group_max: int | None = None
-    batch_size: int | None = None
+    schedule: str | None = setting("choice", "per-layer ratio schedule (log_increase = the paper's incremental ratio)",
+                                   choices=WIDTH_SCHEDULES)
+    min_ratio: float | None = setting("float", "r_min of the schedule: the first layer's ratio", low=0.0, high=1.0)
+    max_layer_ratio: float | None = setting("float", "cap on any layer's ratio", low=0.0, high=1.0, open_low=True,
+                                            open_high=True)
+    head_rule: str | None = setting("choice", "GQA rule: equal_per_group (same query heads from every K/V group), "
+                                    "kv_groups (whole groups), auto", choices=HEAD_RULES)
+    percdamp: float | None = setting("float", "Hessian dampening, a fraction of its mean diagonal", low=0.0)
+    gcd: bool | None = setting("bool", "grouped Cholesky for heads (False = the paper's -GCD ablation)")
+    dgs: bool | None = setting("bool", "dynamic group size for FFN channels (False = the -DGS ablation)")
+    ffn_group_min: int | None = setting("int", "smallest FFN channel group", low=1)
+    ffn_group_max: int | None = setting("int", "largest FFN channel group (the fixed size without DGS)", low=1)
+    batch_size: int | None = setting("int", "calibration windows per block forward", low=1)
+    align: int | None = setting("int", "kept FFN widths (and heads × head_dim) are multiples of this: 32 for llama.cpp's "
+                                "q8_0/q4_0 rows, 256 for its k-quants (1 = any width, the paper)", low=1)
+    layout: str | None = setting("choice", "per-layer (each layer its own widths, the paper) or uniform (every layer "
+                                 "alike: a stock checkpoint of the architecture)", choices=LAYOUTS)
 
-    def validate(self) -> None:
-        super().validate()
-        check_choice("schedule", self.schedule, WIDTH_SCHEDULES)
-        check_choice("head_rule", self.head_rule, HEAD_RULES)
-        check(self.max_layer_ratio is None or (isinstance(self.max_layer_ratio, (int, float))
-                                               and 0.0 < self.max_layer_ratio < 1.0),
-              f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
-        check_float("min_ratio", self.min_ratio, 0.0, 1.0)
-        check_float("percdamp", self.percdamp)
-        check_bool("gcd", self.gcd)
-        check_bool("dgs", self.dgs)
-        check_int("ffn_group_min", self.ffn_group_min)
-        check_int("ffn_group_max", self.ffn_group_max)
-        check_int("batch_size", self.batch_size)
+    def check_across(self) -> None:
+        super().check_across()
         sparsity, lo, hi = self.effective("sparsity"), self.effective("min_ratio"), self.effective("max_layer_ratio")
         check(lo <= sparsity, f"min_ratio must be in [0, sparsity={sparsity}], got {lo}")
         check(sparsity <= hi, f"sparsity {sparsity} exceeds max_layer_ratio {hi}; raise max_layer_ratio "
                               "(--set max_layer_ratio=0.95) or lower the sparsity")
         gmin, gmax = self.effective("ffn_group_min"), self.effective("ffn_group_max")
         check(gmin <= gmax, f"need 1 <= ffn_group_min ({gmin}) <= ffn_group_max ({gmax})")
+        check(not (self.layout == "uniform" and self.schedule not in (None, "uniform")),
+              f"layout=uniform gives every layer the same widths; schedule={self.schedule} would not: drop it")
+
+    def derive(self, values: dict[str, Any], origins: dict[str, str]) -> None:
+        super().derive(values, origins)
+        if values.get("layout") == "uniform" and origins.get("schedule") != "explicit":
+            values["schedule"], origins["schedule"] = "uniform", "layout uniform"
 
     def plan_chain(self, n_layers_start: int, n_layers_now: int) -> None:
         """Check against the depth steps before this one: they must leave room for the target.
