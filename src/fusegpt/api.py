@@ -128,6 +128,9 @@ def check_plan(model: nn.Module | ModelGeometry, configs: Sequence[PruneConfig],
     if eval_config is not None and ctx and eval_config.seqlen > ctx:
         raise ConfigError(f"evaluation seqlen {eval_config.seqlen} exceeds the model's context of {ctx} tokens; "
                           "lower --eval-seqlen")
+    if offload and needs_teacher_copy(eval_config, heal):
+        raise ConfigError("fidelity to the teacher (--fidelity) and online distillation keep the dense model beside "
+                          "the pruned one, which a layer-wise run does not; drop them, or use teacher_signal=topk")
     n_start = n_layers
     for cfg in configs:
         cfg.require_resolved()
@@ -278,6 +281,7 @@ class RunPlan:
     heal: HealConfig | None = None
     output_bytes: int = 0  # the saved checkpoint, at most (the model as loaded)
     speed: SpeedPlan | None = None  # with a speed target: the candidates and their cost model
+    teacher_note: str = ""  # how healing gets the dense teacher's signal, and what it costs
 
     @property
     def total_seconds(self) -> float:
@@ -295,7 +299,7 @@ class RunPlan:
         if self.speed is not None:
             lines.append(self.speed.describe())
         if self.heal is not None:
-            lines.append(f"heal: preset {self.heal.preset} ({self.heal.origins.get('preset')})")
+            lines.append(f"heal: preset {self.heal.preset} ({self.heal.origins.get('preset')}); {self.teacher_note}")
             lines += _setting_lines(self.heal, skip=("preset", "origins", "format"))
         lines.append(f"memory: about {self.memory.describe()}")
         steps = ", ".join(f"{k} {format_duration(v)}" for k, v in self.seconds.items())
@@ -350,8 +354,13 @@ def _plan(g: ModelGeometry, resolved: list[PruneConfig], placement: Placement, e
                              offload=placement.offload is not None)
     seconds = estimate_seconds(g, resolved, placement.device, eval_config, placement.dtype)
     env = _env(placement.device, placement.dtype, placement.offload is not None, measure=False)
-    return RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
+    plan = RunPlan(model=name, configs=resolved, placement=placement, memory=memory, seconds=seconds,
                    eval_config=eval_config, heal=heal, output_bytes=g.params * env.nbytes)
+    if needs_teacher_copy(eval_config, heal):  # the dense model stays beside the pruned one
+        memory.weights += g.params * env.nbytes
+    if heal is not None:
+        plan.teacher_note = heal.teacher_cost(g.vocab, g.params * env.nbytes)
+    return plan
 
 
 # ---------------------------------------------------------------------------- run
@@ -385,6 +394,7 @@ def prune(
     save_model: bool = True,
     heal: HealConfig | None = None,
     target: SpeedTarget | None = None,
+    teacher_model: nn.Module | None = None,
 ) -> PruneResult:
     """Prune ``model_spec`` (a folder, hub id, ``.gguf`` or None = embedded) into ``output``.
 
@@ -407,6 +417,9 @@ def prune(
     gets ``heal`` and ``perplexity.healed``. ``target``: a speed-up to reach instead of the configs'
     sparsities (:mod:`fusegpt.methods.target`, from the runtime's cached cost model); for a depth +
     width chain every candidate split is pruned and the lowest calibration loss kept.
+    ``teacher_model``: the dense model to distil from and measure fidelity against (default: a copy of
+    the model before pruning, made only when ``eval_config.fidelity`` or an online-KD heal needs one;
+    a top-k KD heal computes the teacher's logits before pruning instead, no copy).
     """
     placement = placement or Placement()
     protect = [model_spec] if model_spec and Path(model_spec).expanduser().exists() else []
@@ -432,12 +445,12 @@ def prune(
         return PruneResult(plan=plan)
     with output_lock(out):
         return _run(plan, out, protect, model_spec, model, tokenizer, origin, eval_config, overwrite, resume, restart,
-                    state_root, baseline_perplexity, before_save, save_model, name)
+                    state_root, baseline_perplexity, before_save, save_model, name, teacher_model)
 
 
 def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, origin, eval_config, overwrite: bool,
          resume: bool, restart: bool, state_root: Path | None, baseline_perplexity, before_save, save_model: bool,
-         name: str) -> PruneResult:
+         name: str, teacher_model: nn.Module | None = None) -> PruneResult:
     """:func:`prune` once the plan is checked and the output locked."""
     out = check_output(out, overwrite, protect)  # again: another run may have written it meanwhile
     check_state_policy(state_root, resume, restart)
@@ -451,6 +464,14 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
         p = plan.placement
         model, tokenizer = load_model(model_spec, dtype=p.dtype, device=p.device, offload=p.offload,
                                       offload_folder=p.offload_folder, device_map=p.device_map)
+    teacher = teacher_model
+    if teacher is None and needs_teacher_copy(eval_config, plan.heal):
+        import copy
+
+        teacher = copy.deepcopy(model).eval()  # the dense model, kept as the teacher
+    heal_signal = None
+    if plan.heal is not None and plan.heal.uses_teacher:  # before pruning: the model is still the dense one
+        heal_signal = _heal_teacher(teacher if teacher is not None else model, tokenizer, plan.heal)
     budget = plan.placement.max_memory
     guard = contextlib.nullcontext() if budget is None else \
         MemoryGuard(budget_bytes(budget), plan.placement.device,
@@ -464,7 +485,7 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
             else:
                 model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
                                          origin=origin, state_dir=state_root, resume=resume,
-                                         baseline_perplexity=baseline_perplexity)
+                                         baseline_perplexity=baseline_perplexity, teacher=teacher)
     except MemoryBudgetExceeded as e:
         e.state = kept_state(state_root)
         e.size = folder_size(e.state) if e.state else 0
@@ -478,9 +499,16 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
     if plan.speed is not None:
         report.extra["speed_target"] = plan.speed.to_dict()
     if plan.heal is not None:
-        model, report.heal = heal_model(model, tokenizer, plan.heal)
+        try:
+            model, report.heal = heal_model(model, tokenizer, plan.heal, teacher=heal_signal,
+                                            teacher_name=name if heal_signal is not None else None)
+        finally:
+            if heal_signal is not None:
+                heal_signal.close()
         if eval_config is not None:
             report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
+            if eval_config.fidelity and teacher is not None:
+                report.fidelity["healed"] = evaluate_fidelity(model, teacher, tokenizer, eval_config)
     if before_save is not None:
         before_save(model, report)
     if resume and not resumable:
@@ -492,6 +520,33 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
     if off is not None:
         off.close()  # the edited blocks are in the output now
     return PruneResult(plan=plan, report=report, output=out, extra={"model": model})
+
+
+def needs_teacher_copy(eval_config: EvalConfig | None, heal: HealConfig | None) -> bool:
+    """Whether a run keeps a copy of the dense model beside the pruned one (fidelity, or online distillation)."""
+    return bool((eval_config is not None and eval_config.fidelity) or
+                (heal is not None and heal.uses_teacher and heal.signal == "online"))
+
+
+def _heal_teacher(teacher: nn.Module, tokenizer, cfg: HealConfig):
+    """The teacher's signal for ``cfg``'s healing windows (top-k logits now, or the model online)."""
+    from .data import calibration_windows
+    from .heal import make_teacher
+
+    windows = calibration_windows(tokenizer, cfg.source, cfg.nsamples, cfg.seqlen, cfg.seed)
+    return make_teacher(teacher, windows, cfg)
+
+
+def evaluate_fidelity(model: nn.Module, teacher: nn.Module, tokenizer, config: EvalConfig) -> dict[str, dict]:
+    """Fidelity to ``teacher`` (KL, top-1 agreement, generation match) on each source of ``config``."""
+    from .eval.fidelity import fidelity
+
+    out = {}
+    for src in config.data:
+        toks = eval_tokens(tokenizer, src, config.seqlen)
+        out[src] = fidelity(model, teacher, toks, config.seqlen, config.max_tokens, config.prompts, config.prompt_len,
+                            config.gen_len, config.batch_size, desc=f"fidelity {src}")
+    return out
 
 
 def speed_configs(model_spec_or_config, configs: list[PruneConfig], target: SpeedTarget, placement: Placement
@@ -594,6 +649,7 @@ def compress(
     state_dir: str | Path | None = None,
     resume: bool = False,
     baseline_perplexity: dict[str, float] | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, Report]:
     """Prune ``model`` in place with one config or a chain of them; return it and the Report.
 
@@ -601,6 +657,7 @@ def compress(
     CUDA). With ``eval_config``, perplexity is measured before (unless ``baseline_perplexity``
     gives it) and after. ``origin``: original block indices of a model pruned before.
     ``state_dir``/``resume``: where resumable steps keep their state, and whether to continue it.
+    ``teacher``: the dense model, for fidelity (``eval_config.fidelity``) after pruning.
     """
     adapter = get_adapter(model, origin)
     configs = resolve_configs(config, adapter.device.type)
@@ -642,6 +699,8 @@ def compress(
     report.extra["origin"] = adapter.origin
     if eval_config is not None:
         report.perplexity["after"] = evaluate(model, tokenizer, eval_config)
+        if eval_config.fidelity and teacher is not None:
+            report.fidelity["after"] = evaluate_fidelity(model, teacher, tokenizer, eval_config)
     return model, report
 
 
@@ -659,12 +718,14 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None) -> d
 
 def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | None = None, *,
                     eval_config: EvalConfig | None = None, overwrite: bool = False,
-                    placement: Placement | None = None) -> Report:
+                    placement: Placement | None = None, teacher: str | None = None) -> Report:
     """``fusegpt heal``: load a (pruned) checkpoint, heal it, save it to ``output`` atomically.
 
     The folder's ``report.json`` (when present) is carried over with ``heal`` filled and the
     perplexity of the input as ``after`` and of the healed model as ``healed`` (the report's stages).
-    Everything checkable (settings, data, the output's place) is checked before the model loads.
+    ``teacher``: the dense model for distillation (``loss=kd|kd+lm``) and fidelity; default: the
+    model the folder's report names as its source. Everything checkable (settings, data, the teacher,
+    the output's place) is checked before the model loads.
     """
     placement = placement or Placement()
     out = check_output(output, overwrite, protect=[model_spec])
@@ -678,19 +739,63 @@ def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | No
                      "the healed checkpoint")
     carried = Path(model_spec) / "report.json"
     report = Report.load(carried) if carried.is_file() else Report(model=str(model_spec), versions=library_versions())
+    teacher_spec = teacher_source(teacher, report if carried.is_file() else None,
+                                  needed=cfg.uses_teacher or bool(eval_config and eval_config.fidelity))
+    if teacher_spec is not _NO_TEACHER:
+        tcfg = model_config(teacher_spec)
+        if tcfg.get_text_config().vocab_size != g.vocab:
+            raise ConfigError(f"the teacher {teacher_spec or 'embedded'} has a vocabulary of "
+                              f"{tcfg.get_text_config().vocab_size}, the model {g.vocab}: distillation needs the same "
+                              "tokenizer; give the dense model this one was pruned from (--teacher)")
     with output_lock(out):
         out = check_output(out, overwrite, protect=[model_spec])
         tok = load_tokenizer(model_spec)
         check_windows(tok, [], cfg)
+        tmodel = None
+        if teacher_spec is not _NO_TEACHER:
+            tmodel, _ = load_model(teacher_spec, dtype=placement.dtype, device=placement.device)
         model, tok = load_pruned(model_spec, dtype=placement.dtype, device=placement.device)
         if eval_config is not None:
             report.perplexity["after"] = evaluate(model, tok, eval_config)
             report.eval_settings = eval_config.to_dict()
-        model, report.heal = heal_model(model, tok, cfg)
+            if eval_config.fidelity and tmodel is not None:
+                report.fidelity["after"] = evaluate_fidelity(model, tmodel, tok, eval_config)
+        signal = _heal_teacher(tmodel, tok, cfg) if cfg.uses_teacher and tmodel is not None else None
+        try:
+            model, report.heal = heal_model(model, tok, cfg, teacher=signal,
+                                            teacher_name=(teacher_spec or EMBEDDED_LABEL) if signal else None)
+        finally:
+            if signal is not None:
+                signal.close()
         if eval_config is not None:
             report.perplexity["healed"] = evaluate(model, tok, eval_config)
+            if eval_config.fidelity and tmodel is not None:
+                report.fidelity["healed"] = evaluate_fidelity(model, tmodel, tok, eval_config)
         _write_output(out, model, tok, report, True, overwrite=overwrite, protect=[model_spec])
     return report
+
+
+_NO_TEACHER = object()
+
+
+def teacher_source(teacher: str | None, report: Report | None, needed: bool):
+    """The teacher's model spec: ``teacher`` as given (``embedded`` = the embedded model), else the model the
+    report names as its source; ``_NO_TEACHER`` when none is needed; a ConfigError when one is needed and
+    none can be found."""
+    if teacher is not None:
+        return None if teacher in ("embedded", EMBEDDED_LABEL) else teacher
+    if not needed:
+        return _NO_TEACHER
+    src = report.model if report is not None else None
+    if src in ("", None):
+        raise ConfigError("this healing needs the dense teacher (loss=kd / kd+lm, or --fidelity), and the folder has "
+                          "no report.json naming the model it was pruned from: give --teacher DENSE")
+    if src == EMBEDDED_LABEL:
+        return None
+    if Path(src).expanduser().exists() or src.count("/") == 1:
+        return src
+    raise ConfigError(f"the folder's report names its source as {src!r}, which is neither a folder here nor a hub id; "
+                      "give --teacher DENSE")
 
 
 def interrupted_message(err: Interrupted, resume_command: str | None = None) -> str:

@@ -30,6 +30,7 @@ from .checkpoint.width import (
 from .errors import ConfigError, ModelLoadError
 from .models import adapter_class, check_supported
 from .offload.layerwise import load_offloaded
+from .patching import PATCH_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def model_config(spec: str | None):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         raw = read_config_json(path)
-        marks = [raw.pop(k, None) for k in (WIDTH_KEY, SLICED_KEY)]
+        marks = [raw.pop(k, None) for k in (WIDTH_KEY, SLICED_KEY, PATCH_KEY)]
         raw["model_type"] = next(m for m in marks if m)["model_type"]
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     return read_config(path)

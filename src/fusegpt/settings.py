@@ -400,12 +400,19 @@ def blocks_to_remove(n_layers: int, sparsity: float) -> int:
 
 @dataclass
 class EvalConfig:
-    """Perplexity evaluation (GPTQ protocol) on one or more sources."""
+    """Perplexity evaluation (GPTQ protocol) on one or more sources; with ``fidelity`` also the model's
+    fidelity to the dense teacher (KL, top-1 agreement, greedy generation match:
+    :mod:`fusegpt.eval.fidelity`) on the same windows, ``prompts`` prompts of ``prompt_len`` tokens
+    continued for ``gen_len`` tokens."""
 
     data: tuple[str, ...] = ("wiki", "news")
     seqlen: int = 2048
     max_tokens: int | None = None
     batch_size: int = 1
+    fidelity: bool = False
+    prompts: int = 16
+    prompt_len: int = 32
+    gen_len: int = 32
 
     def __post_init__(self) -> None:
         self.data = tuple(self.data)
@@ -414,7 +421,12 @@ class EvalConfig:
         check(self.max_tokens is None or self.max_tokens >= self.seqlen,
               f"max_tokens ({self.max_tokens}) must be at least seqlen ({self.seqlen})")
         check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.prompts >= 0 and self.prompt_len >= 1 and self.gen_len >= 1,
+              "fidelity needs prompts >= 0, prompt_len >= 1 and gen_len >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": list(self.data), "seqlen": self.seqlen, "max_tokens": self.max_tokens,
-                "batch_size": self.batch_size}
+        d = {"data": list(self.data), "seqlen": self.seqlen, "max_tokens": self.max_tokens,
+             "batch_size": self.batch_size}
+        if self.fidelity:
+            d.update(fidelity=True, prompts=self.prompts, prompt_len=self.prompt_len, gen_len=self.gen_len)
+        return d

@@ -280,6 +280,7 @@ def _run_sweep(methods, sparsities, out: Path, folder: OwnedFolder, model_spec, 
                     report.extra["zeroshot"] = z
 
             common = dict(eval_config=eval_config, overwrite=True, resume=resume, tokenizer=tok,
+                          teacher_model=model if eval_config.fidelity else None,
                           baseline_perplexity=dense["perplexity"], before_save=finish, save_model=save_checkpoints,
                           model_name=dense["model"], placement=Placement(device=device))
             if prev is not None:
@@ -329,7 +330,7 @@ def collect(out: str | Path, methods: Sequence[str] | None = None, sparsities: S
                 "perplexity": d["perplexity"].get("after", {}), "params": d["params_after"],
                 "layers": d["layers_after"], "removed": d["removed"], "calib": step["config"].get("calib"),
                 "wall_time_s": round(d["wall_time_s"], 1), "peak_memory_mb": d.get("peak_memory_mb"),
-                "zeroshot": _zs_brief(z),
+                "zeroshot": _zs_brief(z), "fidelity": (d.get("fidelity") or {}).get("after"),
             })
     speed = _read_json(out / "speed.json") if (out / "speed.json").is_file() else {}
     return {
@@ -402,6 +403,15 @@ def to_markdown(table: dict[str, Any]) -> str:
     lines += ["", "Prune time excludes evaluation (for a continued SLEB/MI cell it includes the smaller cell's "
               "iterations). Peak MB: CUDA allocator peak on GPU; process RSS on CPU, which includes the dense "
               "model the sweep keeps for the other cells."]
+    if data and any(r.get("fidelity") for r in rows):
+        lines += ["", f"Fidelity to the dense model on {data[0]} (KL(dense ‖ cell) per token, top-1 agreement, greedy "
+                      "tokens matching the dense model's before the first difference)", "",
+                  "| cell | KL | top-1 | gen. match mean | gen. match median |", "|---|---|---|---|---|"]
+        for r in rows:
+            f = (r.get("fidelity") or {}).get(data[0])
+            if f:
+                lines.append(f"| {r['cell']} | {f['kl']:.4f} | {f['top1']:.4f} | {_f(f['gen_match_mean'], 1)} | "
+                             f"{_f(f['gen_match_median'], 1)} |")
     for runtime in sorted(table.get("speed") or {}):
         pts = quality_vs_speed(table, runtime, data[0]) if data else []
         if not pts:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..models import DecoderAdapter, get_adapter
+from ..patching import PATCH_KEY, apply_patch_layout, patch_layout
 from .sliced import SLICED_KEY, apply_sliced_layout, sliced_layout
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def is_width_pruned(path: str | Path) -> bool:
     if not (Path(path) / "config.json").is_file():
         return False
     raw = read_config_json(path)
-    return WIDTH_KEY in raw or SLICED_KEY in raw
+    return WIDTH_KEY in raw or SLICED_KEY in raw or PATCH_KEY in raw
 
 
 def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:
@@ -92,15 +93,16 @@ def is_width_pruned_model(model: nn.Module) -> bool:
 
 
 def needs_load_pruned(model: nn.Module) -> bool:
-    """True for a width-pruned or sliced model: its checkpoint is rebuilt by ``load_pruned``."""
-    return is_width_pruned_model(model) or _sliced_layout(model) is not None
+    """True for a width-pruned, sliced or LinearPatch-ed model: its checkpoint is rebuilt by ``load_pruned``."""
+    return is_width_pruned_model(model) or _sliced_layout(model) is not None or _patch_layout(model) is not None
 
 
 def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
     """If ``model`` is width-pruned or sliced, rewrite ``folder/config.json`` as a fusegpt width checkpoint."""
     width = is_width_pruned_model(model)
     sliced = _sliced_layout(model)
-    if not width and sliced is None:
+    patches = _patch_layout(model)
+    if not width and sliced is None and patches is None:
         return False
     path = Path(folder) / "config.json"
     cfg = json.loads(path.read_text())
@@ -111,9 +113,20 @@ def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
                                   "fusegpt.load_pruned(path)"}
     if sliced is not None:
         cfg[SLICED_KEY] = {**sliced, "model_type": real}
+    if patches is not None:
+        cfg[PATCH_KEY] = {**patches, "model_type": real,
+                          "note": "LinearPatch matrices on the residual stream; load with fusegpt.load_pruned(path)"}
     cfg["model_type"] = MARKER_MODEL_TYPE
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return True
+
+
+def _patch_layout(model: nn.Module) -> dict | None:
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError:  # families without an adapter are never patched
+        return None
+    return patch_layout(adapter)
 
 
 def _sliced_layout(model: nn.Module) -> dict | None:
@@ -208,12 +221,13 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
     raw = read_config_json(folder)
     widths = raw.pop(WIDTH_KEY, None)
     sliced = raw.pop(SLICED_KEY, None)
-    if not widths and not sliced:
+    patches = raw.pop(PATCH_KEY, None)
+    if not widths and not sliced and not patches:
         raise ModelLoadError(f"{folder} is not a width-pruned fusegpt checkpoint (no {WIDTH_KEY} or {SLICED_KEY} in "
                          "config.json)")
     if widths and widths.get("format", FORMAT) > FORMAT:
         raise ModelLoadError(f"{folder} was saved by a newer fusegpt (width format {widths['format']}); upgrade fusegpt")
-    raw["model_type"] = (widths or sliced)["model_type"]
+    raw["model_type"] = (widths or sliced or patches)["model_type"]
     config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     try:
         from transformers.initialization import no_init_weights
@@ -225,6 +239,8 @@ def load_width_pruned(path: str | Path, dtype: torch.dtype | None = None, device
         apply_widths(adapter, widths)
     if sliced:
         apply_sliced_layout(adapter, sliced)
+    if patches:
+        apply_patch_layout(adapter, patches)
     state = _read_state(folder)
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)

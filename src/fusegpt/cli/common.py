@@ -143,6 +143,9 @@ def add_before_after_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default 512)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on evaluation tokens per source (default 32768)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also measure fidelity to the dense teacher on the same text: KL, top-1 agreement, and how "
+                        "many greedy tokens match before the first difference (keeps a copy of the dense model)")
 
 
 def eval_config_of(args, base=None):
@@ -156,7 +159,8 @@ def eval_config_of(args, base=None):
     for key, flag in (("data", "eval_data"), ("seqlen", "eval_seqlen"), ("max_tokens", "max_tokens")):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
-    return EvalConfig(data=tuple(d["data"]), seqlen=d["seqlen"], max_tokens=d["max_tokens"])
+    return EvalConfig(data=tuple(d["data"]), seqlen=d["seqlen"], max_tokens=d["max_tokens"],
+                      fidelity=bool(getattr(args, "fidelity", False)) or bool(base is not None and base.fidelity))
 
 
 def add_settings_args(p: argparse.ArgumentParser, set_help: str) -> None:

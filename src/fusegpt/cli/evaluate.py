@@ -36,16 +36,30 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per source")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward (perplexity); lm-eval batch size")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--teacher", default=None, metavar="DENSE",
+                   help="also measure fidelity to this dense model on the --data text: KL(teacher || model), top-1 "
+                        "agreement, and how many greedy tokens match before the first difference ('embedded' = "
+                        "the embedded SmolLM2)")
+    e.add_argument("--prompts", type=int, default=16, help="--teacher: generation prompts")
+    e.add_argument("--gen-len", type=int, default=32, help="--teacher: tokens generated per prompt")
     add_zeroshot_args(e)
     e.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     data = args.data if args.data is not None else ([] if args.tasks else ["wiki", "news"])
-    cfg = EvalConfig(data=data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size) if data else None
+    cfg = EvalConfig(data=data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                     fidelity=args.teacher is not None, prompts=args.prompts, gen_len=args.gen_len) if data else None
     for src in cfg.data if cfg else ():
         check_source(src)
     path = check_model(args.model, need_adapter=args.offload is not None)  # perplexity needs no adapter
+    teacher_spec = None if args.teacher in (None, "embedded") else args.teacher
+    if args.teacher is not None:
+        if not cfg:
+            raise UsageError("--teacher measures fidelity on the --data text; give --data")
+        if args.offload:
+            raise UsageError("--teacher keeps the dense model beside this one; it cannot use --offload")
+        check_model(teacher_spec, need_adapter=False)
     if args.tasks and args.offload:
         raise UsageError("--tasks runs lm-eval on the whole model; it cannot use --offload (use --device-map to "
                          "spread a large model over GPUs)")
@@ -58,6 +72,20 @@ def cmd_eval(args) -> int:
               "params": count_params(model), "n_layers": model.config.get_text_config().num_hidden_layers,
               "seqlen": cfg.seqlen if cfg else None, "max_tokens": cfg.max_tokens if cfg else None}
     rows = [(f"ppl {k}", v) for k, v in ppl.items()]
+    if args.teacher is not None:
+        from ..api import evaluate_fidelity
+        from ..loading import load_model
+
+        teacher, _ = load_model(teacher_spec, device=args.device, need_adapter=False)
+        if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise UsageError(f"the teacher's vocabulary ({teacher.config.get_text_config().vocab_size}) is not the "
+                             f"model's ({model.config.get_text_config().vocab_size}); give the model it was pruned from")
+        result["fidelity"] = {**evaluate_fidelity(model, teacher, tok, cfg), "teacher": args.teacher}
+        for src in cfg.data:
+            f = result["fidelity"][src]
+            rows += [(f"KL to teacher {src}", f["kl"]), (f"top-1 agreement {src}", f["top1"]),
+                     (f"gen. match mean / median {src}", f"{f['gen_match_mean']:.1f} / {f['gen_match_median']:.1f}"
+                      if f["gen_match_mean"] is not None else "–")]
     if args.tasks:
         result["zeroshot"] = run_zeroshot(args, model, tok)
         rows += zeroshot_rows(result["zeroshot"])

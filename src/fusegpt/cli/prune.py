@@ -195,6 +195,8 @@ def cmd_prune(args) -> int:
     for src in (eval_cfg.data if eval_cfg else ()):
         rows.append((f"ppl {src}", report.perplexity["before"][src], report.perplexity["after"][src])
                     + ((healed[src],) if healed else ()))
+    rows += [(r[0], "–", *r[1:])  # the dense model is its own teacher: no "before" column
+             for r in fidelity_rows(report, ("after", "healed") if healed else ("after",), eval_cfg)]
     print(f"{report.method}: removed blocks {report.removed} (original indices, removal order); "
           f"{report.wall_time_s:.0f}s (estimated {res.plan.total_seconds:.0f}s), peak {report.peak_memory_mb:.0f} MB"
           + (" (resumed; the time includes the interrupted runs)" if report.resumed else ""))
@@ -210,6 +212,19 @@ def cmd_prune(args) -> int:
                   f"({st.details['sparsity_achieved']:.1%} below the start); per-layer widths in report.json")
     print(f"saved to {res.output}")
     return 0
+
+
+def fidelity_rows(report, stages: tuple[str, ...], eval_cfg) -> list[tuple]:
+    """Table rows of the fidelity metrics (first source) for the report's ``stages`` that have them."""
+    if eval_cfg is None or not report.fidelity:
+        return []
+    src = eval_cfg.data[0]
+    rows = []
+    for key, label in (("kl", "KL to teacher"), ("top1", "top-1 agreement"), ("gen_match_mean", "gen. match (mean)")):
+        vals = [report.fidelity.get(s, {}).get(src, {}).get(key) for s in stages]
+        if any(v is not None for v in vals):
+            rows.append((f"{label} {src}", *[v if v is not None else "–" for v in vals]))
+    return rows
 
 
 def _recipe_steps(path: str):
@@ -231,7 +246,10 @@ def add_heal_parser(sub) -> None:
                                                              "wrote)")
     h.add_argument("--preset", default=None, choices=PRESETS, help="healing preset (default: paper on CUDA, cpu otherwise)")
     h.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a healing setting, repeatable; --set help lists them")
+                   help="a healing setting, repeatable; --set help lists them (loss=kd distils from the teacher)")
+    h.add_argument("--teacher", default=None, metavar="DENSE",
+                   help="the dense model to distil from (loss=kd, kd+lm) and to measure --fidelity against; "
+                        "'embedded' = the embedded SmolLM2; default: the source model named in the folder's report.json")
     add_before_after_eval_args(h)
     h.set_defaults(func=cmd_heal)
 
@@ -246,12 +264,15 @@ def cmd_heal(args) -> int:
     eval_cfg = eval_config_of(args)
     check_model(args.model)
     report = heal_checkpoint(args.model, args.output, cfg, eval_config=eval_cfg, overwrite=args.overwrite,
-                             placement=placement_of(args))
+                             placement=placement_of(args), teacher=args.teacher)
     h = report.heal
     assert h is not None
     rows = [(f"ppl {src}", report.perplexity["after"][src], report.perplexity["healed"][src])
             for src in (eval_cfg.data if eval_cfg else ())]
-    rows.append(("training loss", h.loss_before, h.loss_after))
+    rows += fidelity_rows(report, ("after", "healed"), eval_cfg)
+    rows.append(("training loss (LM)", h.loss_before, h.loss_after))
+    if h.kd_before is not None:
+        rows.append(("training loss (KD)", h.kd_before, h.kd_after))
     print_table(rows, ("", "before", "after"))
     print(f"healed ({h.loss}, {h.trained}) in {h.wall_time_s:.0f}s ({h.steps} steps); saved to {args.output}")
     return 0

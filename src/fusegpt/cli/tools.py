@@ -38,6 +38,8 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--eval-data", nargs="+", default=["wiki", "news"], help="perplexity sources")
     s.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     s.add_argument("--max-tokens", type=int, default=32768, help="cap on evaluation tokens per source")
+    s.add_argument("--fidelity", action="store_true",
+                   help="also each cell's fidelity to the dense model: KL, top-1 agreement, greedy generation match")
     s.add_argument("--tasks", default=None, help="also zero-shot tasks per cell (see fusegpt eval --tasks)")
     s.add_argument("--limit", type=float, default=None, help="zero-shot examples per task")
     s.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per zero-shot task (default: the task's)")
@@ -63,7 +65,7 @@ def cmd_sweep(args) -> int:
     if not methods or not sparsities:
         raise UsageError("give at least one method and one sparsity")
     settings = merged_settings(args)
-    ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens)
+    ev = EvalConfig(data=args.eval_data, seqlen=args.eval_seqlen, max_tokens=args.max_tokens, fidelity=args.fidelity)
     for src in ev.data:
         check_source(src)
     zkw = {"limit": limit_of(args.limit), "num_fewshot": args.num_fewshot, "include_path": args.include_path}

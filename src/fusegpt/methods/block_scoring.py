@@ -33,6 +33,9 @@ Scorer = Callable[[DecoderAdapter, torch.Tensor, list[int], int], torch.Tensor]
 LINEAR_FOLDS = ("none", *SOLVERS)
 # windows the linear_fold maps are fitted on, per preset (ReplaceMe's own calibration sizes)
 FOLD_WINDOWS = {"paper": {"fold_nsamples": 256, "fold_seqlen": 1024}, "cpu": {"fold_nsamples": 64, "fold_seqlen": 256}}
+# windows LinearPatch's scales come from: the reference's 128 × 2048; on a CPU 64 × 256
+PATCH_WINDOWS = {"paper": {"patch_nsamples": 128, "patch_seqlen": 2048},
+                 "cpu": {"patch_nsamples": 64, "patch_seqlen": 256}}
 
 # The ranking set of the ``cpu`` presets: 8 windows of 256 wiki tokens, the same for every block
 # method (and FuseGPT's MI ranking), so they compare on the same data. SLEB, whose every
@@ -58,7 +61,8 @@ class BlockPruneConfig(PruneConfig):
     papers' methods should run as published unless asked.
     """
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"early_barrier": 0, "latter_barrier": 0, "linear_fold": "none",
+                                          "linear_patch": False}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 32, "seqlen": 2048},
                                                     "cpu": dict(CPU_RANKING)}
 
@@ -69,12 +73,23 @@ class BlockPruneConfig(PruneConfig):
                                       choices=LINEAR_FOLDS)
     fold_nsamples: int | None = setting("int", "windows the linear_fold maps are fitted on", low=1)
     fold_seqlen: int | None = setting("int", "tokens per linear_fold window", low=2)
+    linear_patch: bool | None = setting("bool", "after the removals, LinearPatch: a Hadamard-rotated channel scaling "
+                                        "H·diag(d)·Hᵀ on the stream after each removed run (training-free; saved "
+                                        "as a load_pruned checkpoint)")
+    patch_nsamples: int | None = setting("int", "windows LinearPatch's scales are measured on", low=1)
+    patch_seqlen: int | None = setting("int", "tokens per LinearPatch window", low=2)
 
     def windows(self) -> list[tuple[str, int, str]]:
         out = super().windows()
         if self.linear_fold not in (None, "none"):
             out.append((self.calib_source, self.fold_nsamples * self.fold_seqlen, "fold_nsamples × fold_seqlen"))
+        if self.linear_patch:
+            out.append((self.calib_source, self.patch_nsamples * self.patch_seqlen, "patch_nsamples × patch_seqlen"))
         return out
+
+    def plan_placement(self, offload: bool, device_type: str) -> None:
+        super().plan_placement(offload, device_type)
+        check(not (offload and self.linear_patch), "linear_patch does not run layer-wise (--offload) yet; run resident")
 
     def plan_model(self, geometry) -> None:
         super().plan_model(geometry)
@@ -88,6 +103,10 @@ class BlockPruneConfig(PruneConfig):
             if values.get(key) is None:
                 values[key] = FOLD_WINDOWS[values["preset"]][key]
                 origins[key] = f"preset {values['preset']} (fold windows)"
+        for key in ("patch_nsamples", "patch_seqlen"):
+            if values.get(key) is None:
+                values[key] = PATCH_WINDOWS[values["preset"]][key]
+                origins[key] = f"preset {values['preset']} (patch windows)"
 
     def plan_layers(self, n_layers: int) -> int:
         k = blocks_to_remove(n_layers, self.sparsity)
@@ -96,6 +115,29 @@ class BlockPruneConfig(PruneConfig):
         check(k <= n_cand, f"sparsity {self.sparsity} needs {k} blocks but only {n_cand} are candidates "
               f"(barriers {self.early_barrier}+{self.latter_barrier}); lower the sparsity or the barriers")
         return n_layers - k
+
+
+def with_linear_patch(run: Callable[[RunContext, Any, StepReport], None]) -> Callable[[RunContext, Any, StepReport], None]:
+    """A depth method's runner, followed by LinearPatch when ``cfg.linear_patch``: the statistics of every
+    block boundary are taken on the model before the step, the patches placed after its removals
+    (:mod:`fusegpt.linear_patch`); the step's details list them under ``linear_patch``."""
+
+    def patched(ctx: RunContext, cfg, step: StepReport) -> None:
+        if not getattr(cfg, "linear_patch", False):
+            run(ctx, cfg, step)
+            return
+        from ..linear_patch import apply_patches, boundary_stats, rotation
+
+        adapter = ctx.adapter
+        windows = calibration_windows(ctx.tokenizer, cfg.calib_source, cfg.patch_nsamples, cfg.patch_seqlen, cfg.seed)
+        R, kind = rotation(adapter.config.hidden_size, cfg.seed)
+        origin = adapter.origin
+        stats = boundary_stats(adapter, windows, R)
+        removed_before = len(step.removed)
+        run(ctx, cfg, step)
+        step.details["linear_patch"] = apply_patches(adapter, origin, step.removed[removed_before:], stats, R, kind)
+
+    return patched
 
 
 def calibration_for(ctx: RunContext, cfg: PruneConfig) -> torch.Tensor:

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..importance import mi_scores
-from .block_scoring import BlockPruneConfig, iterative_seconds, run_iterative, scoring_memory
+from .block_scoring import (
+    BlockPruneConfig,
+    iterative_seconds,
+    run_iterative,
+    scoring_memory,
+    with_linear_patch,
+)
 from .registry import Method, register
 
 
@@ -21,7 +27,7 @@ class MIConfig(BlockPruneConfig):
 register(Method(
     name="mi",
     config_cls=MIConfig,
-    run=lambda ctx, cfg, step: run_iterative(ctx, cfg, step, mi_scores),
+    run=with_linear_patch(lambda ctx, cfg, step: run_iterative(ctx, cfg, step, mi_scores)),
     estimate_memory=lambda g, cfg, env: {"mi": scoring_memory(g, cfg, env)},
     estimate_time=lambda g, cfg, env: iterative_seconds(g, cfg, env),
     summary="MI: remove one block per iteration by Macro Influence, no training (FuseGPT's ablation)",

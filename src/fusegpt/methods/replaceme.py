@@ -55,7 +55,7 @@ from ..report import StepReport
 from ..runstate import RunContext
 from ..settings import ConfigError, blocks_to_remove, check, setting
 from ..timing import block_flops, seconds
-from .block_scoring import BlockPruneConfig, calibration_for
+from .block_scoring import BlockPruneConfig, calibration_for, with_linear_patch
 from .registry import Method, register
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _memory(g: ModelGeometry, cfg: ReplaceMeConfig, env: EstimateEnv) -> dict[st
 register(Method(
     name="replaceme",
     config_cls=ReplaceMeConfig,
-    run=replace_spans,
+    run=with_linear_patch(replace_spans),
     estimate_memory=_memory,
     estimate_time=_time,
     summary="ReplaceMe: replace the most redundant span(s) of blocks by a least-squares linear map, training-free",

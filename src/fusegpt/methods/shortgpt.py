@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..importance import bi_scores
 from ..timing import block_flops, seconds
-from .block_scoring import BlockPruneConfig, run_one_shot, scoring_memory
+from .block_scoring import BlockPruneConfig, run_one_shot, scoring_memory, with_linear_patch
 from .registry import Method, register
 
 
@@ -21,7 +21,7 @@ class ShortGPTConfig(BlockPruneConfig):
 register(Method(
     name="shortgpt",
     config_cls=ShortGPTConfig,
-    run=lambda ctx, cfg, step: run_one_shot(ctx, cfg, step, lambda a, calib, bs: bi_scores(a, calib, bs)),
+    run=with_linear_patch(lambda ctx, cfg, step: run_one_shot(ctx, cfg, step, lambda a, calib, bs: bi_scores(a, calib, bs))),
     estimate_memory=lambda g, cfg, env: {"shortgpt": scoring_memory(g, cfg, env)},
     estimate_time=lambda g, cfg, env: seconds(g.n_layers * block_flops(g, cfg.nsamples * cfg.seqlen, cfg.seqlen), env),
     summary="ShortGPT: drop the k blocks of lowest Block Influence, one shot",

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..importance import sleb_scores
-from .block_scoring import BlockPruneConfig, iterative_seconds, run_iterative, scoring_memory
+from .block_scoring import (
+    BlockPruneConfig,
+    iterative_seconds,
+    run_iterative,
+    scoring_memory,
+    with_linear_patch,
+)
 from .registry import Method, register
 
 
@@ -28,7 +34,7 @@ class SLEBConfig(BlockPruneConfig):
 register(Method(
     name="sleb",
     config_cls=SLEBConfig,
-    run=lambda ctx, cfg, step: run_iterative(ctx, cfg, step, sleb_scores),
+    run=with_linear_patch(lambda ctx, cfg, step: run_iterative(ctx, cfg, step, sleb_scores)),
     estimate_memory=lambda g, cfg, env: {"sleb": scoring_memory(g, cfg, env, logits=True)},
     estimate_time=lambda g, cfg, env: iterative_seconds(g, cfg, env, head=True),
     summary="SLEB: remove one block per iteration, the one whose removal keeps calibration NLL lowest",

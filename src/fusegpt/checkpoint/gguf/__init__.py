@@ -98,6 +98,11 @@ def check_exportable(model: nn.Module) -> None:
         raise ExportError("SliceGPT models are not exported to GGUF: their blocks carry shortcut matrices on the "
                           "residual adds and scale-free norms over a sliced stream, which no llama.cpp architecture "
                           "has; run them through fusegpt.load_pruned (transformers)")
+    from ...patching import patches_of
+
+    if patches_of(get_adapter(model)):
+        raise ExportError("LinearPatch-ed models are not exported to GGUF: the patch is a d×d matrix on the residual "
+                          "stream, which no llama.cpp architecture has; run them through fusegpt.load_pruned")
     _, _, qkv_bias = GGUF_ARCHS[config.model_type]
     arch = gguf_arch(model)
     if arch == WIDTH_ARCH and qkv_bias:

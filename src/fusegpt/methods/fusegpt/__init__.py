@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..block_scoring import with_linear_patch
 from ..registry import Method, register
 from .config import GROUP_TRAIN_PRESETS, FuseGPTConfig, GroupTrainConfig
 from .estimates import group_memory, group_seconds
@@ -13,7 +14,7 @@ def group_method(name: str, config_cls: type[GroupTrainConfig], fuse: bool, summ
     return Method(
         name=name,
         config_cls=config_cls,
-        run=lambda ctx, cfg, step: run_group_pruning(ctx, cfg, step, fuse=fuse),
+        run=with_linear_patch(lambda ctx, cfg, step: run_group_pruning(ctx, cfg, step, fuse=fuse)),
         estimate_memory=lambda g, cfg, env: group_memory(g, cfg, env, fuse=fuse),
         estimate_time=lambda g, cfg, env: group_seconds(g, cfg, env, fuse=fuse),
         summary=summary,
