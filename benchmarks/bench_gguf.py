@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fusegpt.checkpoint.gguf import export_gguf, gguf_arch
 from fusegpt.data import eval_tokens
+from fusegpt.eval import llamacpp
 from fusegpt.eval.perplexity import perplexity
 from fusegpt.loading import load_model
 
@@ -42,48 +41,14 @@ ROOT = Path(__file__).resolve().parent
 
 
 def llama_cpp_perplexity(llama_cpp, path: Path, tokens: torch.Tensor, seqlen: int, threads: int) -> float:
-    """GPTQ-protocol perplexity in llama.cpp: mean shifted cross-entropy of each window, as ours."""
-    n = tokens.numel() // seqlen
-    llm = llama_cpp.Llama(str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, n_threads=threads,
-                          n_threads_batch=threads, logits_all=True, verbose=False)
-    nll = 0.0
-    try:
-        for w in tokens[: n * seqlen].view(n, seqlen).tolist():
-            llm.reset()
-            llm._ctx.kv_cache_clear()  # a fresh KV cache per window
-            llm.eval(w)
-            logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)
-            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-            ce = logz - logits[np.arange(seqlen - 1), w[1:]]
-            nll += float(ce.mean()) * seqlen
-    finally:
-        llm.close()
-    return math.exp(nll / (n * seqlen))
+    """GPTQ-protocol perplexity in llama.cpp (:func:`fusegpt.eval.llamacpp.perplexity`)."""
+    return llamacpp.perplexity(path, tokens, seqlen, threads)
 
 
 def llama_cpp_speed(llama_cpp, path: Path, threads: int, repeats: int, vocab: int) -> dict[str, float]:
     """``pp512`` and ``tg128`` tokens/s (llama-bench's definitions), best of ``repeats``."""
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(10, vocab, 512).tolist()
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    pp, tg = [], []
-    try:
-        for _ in range(repeats):
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-            t = time.perf_counter()
-            llm.eval(prompt)
-            pp.append(512 / (time.perf_counter() - t))
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-            t = time.perf_counter()
-            for tok in prompt[:128]:
-                llm.eval([tok])
-            tg.append(128 / (time.perf_counter() - t))
-    finally:
-        llm.close()
-    return {"pp512": max(pp), "tg128": max(tg)}
+    runs = [llamacpp.speed_round(path, threads, 512, 128, vocab) for _ in range(repeats)]
+    return {"pp512": max(r["pp"] for r in runs), "tg128": max(r["tg"] for r in runs)}
 
 
 def main() -> int:

@@ -26,7 +26,6 @@ on ``wiki`` (KL, top-1 agreement, greedy match of 16 prompts × 32 tokens), heal
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os

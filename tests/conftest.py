@@ -238,3 +238,11 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(" ".join(words[i] for i in torch.randint(0, 8, (1500,), generator=g).tolist()))
     return str(path)
+
+
+def one_line_error(rc: int, err: str, message: str, code: int = 2) -> None:
+    """A CLI refusal as users see it: exit ``code``, no traceback, one ``fusegpt: error:`` line holding ``message``."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fusegpt: error:")]
+    assert rc == code, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and message in lines[0], err

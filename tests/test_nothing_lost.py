@@ -21,6 +21,7 @@ import torch
 from fusegpt.cli import main
 from fusegpt.methods.fusegpt import loop as fusion
 
+from .conftest import one_line_error as _one_line
 from .conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -28,13 +29,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 FUSE = ["--method", "fusegpt", "--sparsity", "0.3", "--nsamples", "2", "--seqlen", "16", "--no-eval",
         "--preset", "cpu", "--set", "epochs=1", "--set", "ft_nsamples=4", "--set", "ft_seqlen=16",
         "--set", "group_size=3", "--set", "lora_rank=2", "--set", "coef_rank=2", "--set", "val_nsamples=1"]
-
-
-def _one_line(rc: int, err: str, message: str, code: int = 2) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fusegpt: error:")]
-    assert rc == code, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and message in lines[0], err
 
 
 def _mi(path, text, out, *extra):
@@ -260,19 +254,28 @@ def test_a_second_run_on_the_same_output_fails_at_once(tiny_checkpoint, tmp_path
 
 
 # ---------------------------------------------------------------- run state: never discarded silently
-def test_a_kept_run_state_needs_resume_or_restart(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    path, text = tiny_checkpoint
-    out = tmp_path / "out"
+def _interrupted_fuse_run(path, text, out, monkeypatch, before_kill=None) -> list[str]:
+    """Run the tiny FuseGPT command until its first block is done and its state saved, then Ctrl-C; returns
+    the command (rc 130 checked) with the interruption undone for the next call."""
     argv = ["prune", "--model", str(path), "--calib", str(text), *FUSE, "--output", str(out)]
 
     def kill(it):
+        if before_kill is not None:
+            before_kill()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fusion, "_after_iteration", kill)
     assert main(argv) == 130
+    monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
+    return argv
+
+
+def test_a_kept_run_state_needs_resume_or_restart(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    path, text = tiny_checkpoint
+    out = tmp_path / "out"
+    argv = _interrupted_fuse_run(path, text, out, monkeypatch)
     state = tmp_path / "out.state"
     saved = (state / "0-fusegpt" / "state.json").read_bytes()
-    monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
     _no_load(monkeypatch)
     _one_line(main(argv), capsys.readouterr().err, "--resume")
     assert (state / "0-fusegpt" / "state.json").read_bytes() == saved  # untouched
@@ -288,15 +291,7 @@ def test_a_resumed_report_says_so_and_counts_the_earlier_time(tiny_checkpoint, t
 
     path, text = tiny_checkpoint
     out = tmp_path / "out"
-    argv = ["prune", "--model", str(path), "--calib", str(text), *FUSE, "--output", str(out)]
-
-    def slow_kill(it):
-        time.sleep(1.5)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fusion, "_after_iteration", slow_kill)
-    assert main(argv) == 130
-    monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
+    argv = _interrupted_fuse_run(path, text, out, monkeypatch, before_kill=lambda: time.sleep(1.5))
     assert main([*argv, "--resume"]) == 0
     rep = json.loads((out / "report.json").read_text())
     step = rep["steps"][0]
@@ -307,16 +302,9 @@ def test_a_resumed_report_says_so_and_counts_the_earlier_time(tiny_checkpoint, t
 def test_a_corrupt_run_state_is_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     path, text = tiny_checkpoint
     out = tmp_path / "out"
-    argv = ["prune", "--model", str(path), "--calib", str(text), *FUSE, "--output", str(out)]
-
-    def kill(it):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fusion, "_after_iteration", kill)
-    assert main(argv) == 130
+    argv = _interrupted_fuse_run(path, text, out, monkeypatch)
     pt = tmp_path / "out.state" / "0-fusegpt" / "model.pt"
     pt.write_bytes(pt.read_bytes()[:200])
-    monkeypatch.setattr(fusion, "_after_iteration", lambda it: None)
     rc = main([*argv, "--resume"])
     err = capsys.readouterr().err
     _one_line(rc, err, "--restart")

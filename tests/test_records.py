@@ -157,4 +157,4 @@ def test_recipe_refusals(tiny_checkpoint, tmp_path, capsys):
     assert main(["prune", "--recipe", str(tmp_path / "bad.yaml"), "--method", "mi", "--output", "o"]) == 2
     assert "drop --method" in capsys.readouterr().err
     assert main(["prune", "--output", str(tmp_path / "o")]) == 2
-    assert "give --method and --sparsity" in capsys.readouterr().err
+    assert "give --method and either --sparsity or --target-speedup" in capsys.readouterr().err

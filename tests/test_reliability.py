@@ -15,18 +15,13 @@ import pytest
 
 from fusegpt.cli import main
 
+from .conftest import one_line_error as _one_line_error
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(rc: int, err: str, message: str, code: int = 2) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fusegpt: error:")]
-    assert rc == code, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and message in lines[0], err
 
 
 def _prune(path, text, out, *extra):

@@ -499,16 +499,7 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
     if plan.speed is not None:
         report.extra["speed_target"] = plan.speed.to_dict()
     if plan.heal is not None:
-        try:
-            model, report.heal = heal_model(model, tokenizer, plan.heal, teacher=heal_signal,
-                                            teacher_name=name if heal_signal is not None else None)
-        finally:
-            if heal_signal is not None:
-                heal_signal.close()
-        if eval_config is not None:
-            report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
-            if eval_config.fidelity and teacher is not None:
-                report.fidelity["healed"] = evaluate_fidelity(model, teacher, tokenizer, eval_config)
+        model = _heal_and_measure(model, tokenizer, plan.heal, heal_signal, name, report, eval_config, teacher)
     if before_save is not None:
         before_save(model, report)
     if resume and not resumable:
@@ -526,6 +517,22 @@ def needs_teacher_copy(eval_config: EvalConfig | None, heal: HealConfig | None) 
     """Whether a run keeps a copy of the dense model beside the pruned one (fidelity, or online distillation)."""
     return bool((eval_config is not None and eval_config.fidelity) or
                 (heal is not None and heal.uses_teacher and heal.signal == "online"))
+
+
+def _heal_and_measure(model: nn.Module, tokenizer, cfg: HealConfig, signal, teacher_name: str, report: Report,
+                      eval_config: EvalConfig | None, teacher: nn.Module | None) -> nn.Module:
+    """Heal ``model`` (closing the teacher's signal afterwards), then its perplexity and fidelity as ``healed``."""
+    try:
+        model, report.heal = heal_model(model, tokenizer, cfg, teacher=signal,
+                                        teacher_name=teacher_name if signal is not None else None)
+    finally:
+        if signal is not None:
+            signal.close()
+    if eval_config is not None:
+        report.perplexity["healed"] = evaluate(model, tokenizer, eval_config)
+        if eval_config.fidelity and teacher is not None:
+            report.fidelity["healed"] = evaluate_fidelity(model, teacher, tokenizer, eval_config)
+    return model
 
 
 def _heal_teacher(teacher: nn.Module, tokenizer, cfg: HealConfig):
@@ -761,16 +768,7 @@ def heal_checkpoint(model_spec: str, output: str | Path, config: HealConfig | No
             if eval_config.fidelity and tmodel is not None:
                 report.fidelity["after"] = evaluate_fidelity(model, tmodel, tok, eval_config)
         signal = _heal_teacher(tmodel, tok, cfg) if cfg.uses_teacher and tmodel is not None else None
-        try:
-            model, report.heal = heal_model(model, tok, cfg, teacher=signal,
-                                            teacher_name=(teacher_spec or EMBEDDED_LABEL) if signal else None)
-        finally:
-            if signal is not None:
-                signal.close()
-        if eval_config is not None:
-            report.perplexity["healed"] = evaluate(model, tok, eval_config)
-            if eval_config.fidelity and tmodel is not None:
-                report.fidelity["healed"] = evaluate_fidelity(model, tmodel, tok, eval_config)
+        model = _heal_and_measure(model, tok, cfg, signal, teacher_spec or EMBEDDED_LABEL, report, eval_config, tmodel)
         _write_output(out, model, tok, report, True, overwrite=overwrite, protect=[model_spec])
     return report
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .linear_map import contiguous_runs
 from .models import DecoderAdapter
 from .patching import attach_patch
 
@@ -124,17 +125,6 @@ def patch_matrix(stats: torch.Tensor, s: int, e: int, R: torch.Tensor) -> tuple[
     return R @ torch.diag(d) @ R.T, d
 
 
-def runs_of(removed: Sequence[int], n_before: int) -> list[tuple[int, int]]:
-    """Contiguous ``(s, e)`` runs of ``removed`` (indices of the model before the step)."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(set(removed)):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return [r for r in runs if r[1] <= n_before]
-
-
 def apply_patches(adapter: DecoderAdapter, origin_before: Sequence[int], removed_origin: Sequence[int],
                   stats: torch.Tensor, R: torch.Tensor, kind: str) -> list[dict]:
     """Attach a patch after every run of ``removed_origin`` (original indices of blocks this step removed);
@@ -143,7 +133,7 @@ def apply_patches(adapter: DecoderAdapter, origin_before: Sequence[int], removed
     removed = [pos[o] for o in removed_origin if o in pos]
     now = {o: i for i, o in enumerate(adapter.origin)}
     records = []
-    for s, e in runs_of(removed, len(origin_before)):
+    for s, e in contiguous_runs(removed):
         P, d = patch_matrix(stats, s, e, R)
         if e < len(origin_before):
             target = adapter.layers[now[origin_before[e]]]

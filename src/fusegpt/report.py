@@ -33,6 +33,12 @@ STAGES = ("before", "after", "healed")
 _V1_STAGES = {"before_heal": "after", "after_heal": "healed"}
 
 
+def _own_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of the dataclass ``cls`` (derived keys like ``removed_sorted`` drop)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 @dataclass
 class StepReport:
     """One method applied to the model (a run may chain several).
@@ -71,8 +77,7 @@ class StepReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepReport:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_own_fields(cls, d))
 
 
 @dataclass
@@ -101,8 +106,7 @@ class HealResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HealResult:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_own_fields(cls, d))
 
 
 @dataclass

@@ -75,9 +75,8 @@ def layer_widths(adapter: DecoderAdapter) -> dict[str, list[int]]:
 def is_width_pruned_model(model: nn.Module) -> bool:
     """True when some layer's widths differ from what the config says for all layers."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    try:
-        adapter = get_adapter(model)
-    except UnsupportedModelError:  # no adapter: fusegpt never width-pruned it
+    adapter = _adapter_or_none(model)
+    if adapter is None:
         return False
     if not all(isinstance(adapter.linear_roles(b).get(r), nn.Linear) for b in adapter.layers for r in _ROLES):
         return False  # families without the LLaMA layout (fused qkv, no gate) are never width-pruned
@@ -121,20 +120,21 @@ def mark_width_checkpoint(model: nn.Module, folder: str | Path) -> bool:
     return True
 
 
-def _patch_layout(model: nn.Module) -> dict | None:
+def _adapter_or_none(model: nn.Module) -> DecoderAdapter | None:
     try:
-        adapter = get_adapter(model)
-    except UnsupportedModelError:  # families without an adapter are never patched
+        return get_adapter(model)
+    except UnsupportedModelError:  # no adapter: fusegpt never width-pruned, sliced or patched it
         return None
-    return patch_layout(adapter)
+
+
+def _patch_layout(model: nn.Module) -> dict | None:
+    adapter = _adapter_or_none(model)
+    return patch_layout(adapter) if adapter is not None else None
 
 
 def _sliced_layout(model: nn.Module) -> dict | None:
-    try:
-        adapter = get_adapter(model)
-    except UnsupportedModelError:  # families without an adapter are never sliced
-        return None
-    return sliced_layout(adapter)
+    adapter = _adapter_or_none(model)
+    return sliced_layout(adapter) if adapter is not None else None
 
 
 def _shrunk(lin: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
