@@ -46,6 +46,22 @@ VARIANTS = ("none", "lm", "kd", "kd+lm", "kd-online", "kd-full", "kd-norms", "pa
 
 
 def heal_config(variant: str, args) -> HealConfig | None:
+    """The healing of a variant name; ``NAME:key=value;key=value`` adds settings (``kd:lr=1e-3``)."""
+    import ast
+
+    name, _, extra = variant.partition(":")
+    over = {}
+    for kv in filter(None, extra.split(";")):
+        k, _, v = kv.partition("=")
+        try:
+            over[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            over[k] = v
+    cfg = _named(name, args)
+    return cfg.with_overrides(**over) if cfg is not None and over else cfg
+
+
+def _named(variant: str, args) -> HealConfig | None:
     base = dict(preset="cpu", source="wiki")
     if variant in ("none", "patch"):
         return None
@@ -86,6 +102,8 @@ def main() -> int:
     ap.add_argument("--norms-lr", type=float, default=1e-3)
     ap.add_argument("--patch-lr", type=float, default=1e-4)
     ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--eval-data", default="wiki,news")
+    ap.add_argument("--no-fidelity", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results_heal" / "heal.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -93,7 +111,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.is_file() else {}
-    ev = EvalConfig(data=("wiki", "news"), seqlen=512, max_tokens=args.max_tokens)
+    ev = EvalConfig(data=tuple(args.eval_data.split(",")), seqlen=512, max_tokens=args.max_tokens)
     fid = EvalConfig(data=("wiki",), seqlen=512, max_tokens=args.max_tokens, fidelity=True)
     dense, tok = load_model(args.teacher)
     dense.eval()
@@ -113,7 +131,7 @@ def main() -> int:
             t0 = time.perf_counter()
             cell = {"base": name, "variant": variant, "prune_s": rep["wall_time_s"]}
             with PeakMemory("cpu") as mem:
-                if variant.startswith("patch"):
+                if variant.split(":")[0].startswith("patch"):
                     cell["patches"] = add_patches(model, dense, tok, origin)
                 if cfg is not None:
                     model, h = heal(model, tok, cfg, teacher_model=dense if cfg.uses_teacher else None,
@@ -122,7 +140,8 @@ def main() -> int:
             cell["repair_s"] = round(time.perf_counter() - t0, 1)
             cell["peak_mb"] = round(mem.peak_mb, 1)
             cell["ppl"] = evaluate(model, tok, ev)
-            cell["fidelity"] = evaluate_fidelity(model, dense, tok, fid)["wiki"]
+            if not args.no_fidelity:
+                cell["fidelity"] = evaluate_fidelity(model, dense, tok, fid)["wiki"]
             cell["total_min"] = round((cell["prune_s"] + cell["repair_s"]) / 60, 1)
             res[key] = cell
             logger.info("%s: %s", key, {k: cell[k] for k in ("ppl", "repair_s", "total_min")})
@@ -140,12 +159,14 @@ def table(res: dict) -> str:
     for key, c in res.items():
         if key == "dense":
             continue
-        f = c["fidelity"]
+        f = c.get("fidelity")
         h = c.get("heal")
         lm = f"{h['loss_before']:.3f} → {h['loss_after']:.3f}" if h else "–"
-        lines.append(f"| {c['base']} | {c['variant']} | {c['ppl']['wiki']:.2f} | {c['ppl']['news']:.2f} | "
-                     f"{f['kl']:.4f} | {f['top1']:.4f} | {f['gen_match_mean']:.1f} / {f['gen_match_median']:.1f} | "
-                     f"{lm} | {c['repair_s']:.0f} | {c['total_min']:.1f} | {c['peak_mb']:.0f} |")
+        fid = (f"{f['kl']:.4f} | {f['top1']:.4f} | {f['gen_match_mean']:.1f} / {f['gen_match_median']:.1f}" if f
+               else "– | – | –")
+        ppl = " | ".join(f"{c['ppl'][s]:.2f}" if s in c["ppl"] else "–" for s in ("wiki", "news"))
+        lines.append(f"| {c['base']} | {c['variant']} | {ppl} | {fid} | {lm} | {c['repair_s']:.0f} | "
+                     f"{c['total_min']:.1f} | {c['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 

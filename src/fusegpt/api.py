@@ -472,6 +472,17 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
     heal_signal = None
     if plan.heal is not None and plan.heal.uses_teacher:  # before pruning: the model is still the dense one
         heal_signal = _heal_teacher(teacher if teacher is not None else model, tokenizer, plan.heal)
+    try:
+        return _prune_heal_save(plan, out, protect, model, tokenizer, origin, eval_config, overwrite, resume,
+                                state_root, baseline_perplexity, before_save, save_model, name, teacher, heal_signal)
+    finally:
+        if heal_signal is not None:
+            heal_signal.close()  # a top-k teacher's files, whatever happened
+
+
+def _prune_heal_save(plan: RunPlan, out: Path, protect: list, model, tokenizer, origin, eval_config,
+                     overwrite: bool, resume: bool, state_root: Path | None, baseline_perplexity, before_save,
+                     save_model: bool, name: str, teacher: nn.Module | None, heal_signal) -> PruneResult:
     budget = plan.placement.max_memory
     guard = contextlib.nullcontext() if budget is None else \
         MemoryGuard(budget_bytes(budget), plan.placement.device,
@@ -481,7 +492,7 @@ def _run(plan: RunPlan, out: Path, protect: list, model_spec, model, tokenizer, 
         with guard:
             if plan.speed is not None and len(plan.speed.candidates) > 1:
                 model, report = _best_candidate(model, tokenizer, plan, name, eval_config, origin,
-                                                baseline_perplexity)
+                                                baseline_perplexity, teacher)
             else:
                 model, report = compress(model, tokenizer, plan.configs, model_name=name, eval_config=eval_config,
                                          origin=origin, state_dir=state_root, resume=resume,
@@ -569,8 +580,8 @@ def speed_configs(model_spec_or_config, configs: list[PruneConfig], target: Spee
     return [c.with_overrides(sparsity=s) for c, s in zip(configs, first, strict=True)], speed
 
 
-def _best_candidate(model: nn.Module, tokenizer, plan: RunPlan, name: str, eval_config, origin, baseline_perplexity
-                    ) -> tuple[nn.Module, Report]:
+def _best_candidate(model: nn.Module, tokenizer, plan: RunPlan, name: str, eval_config, origin, baseline_perplexity,
+                    teacher: nn.Module | None = None) -> tuple[nn.Module, Report]:
     """Prune a copy of ``model`` with every candidate split of the speed plan; keep the lowest calibration loss
     (on held-in windows of the first step's calibration text, disjoint from its calibration windows)."""
     import copy
@@ -599,6 +610,8 @@ def _best_candidate(model: nn.Module, tokenizer, plan: RunPlan, name: str, eval_
         report.perplexity["before"] = before
         report.eval_settings = eval_config.to_dict()
         report.perplexity["after"] = evaluate(model, tokenizer, eval_config)
+        if eval_config.fidelity and teacher is not None:
+            report.fidelity["after"] = evaluate_fidelity(model, teacher, tokenizer, eval_config)
     return model, report
 
 

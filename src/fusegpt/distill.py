@@ -41,6 +41,7 @@ class TeacherBatch:
     logits: torch.Tensor | None = None  # (B, T, V) fp32
     topk_values: torch.Tensor | None = None  # (B, T, k) fp32
     topk_indices: torch.Tensor | None = None  # (B, T, k) int64
+    topk_logz: torch.Tensor | None = None  # (B, T): log Σ_v exp(z_v / T) over the whole vocabulary (the tail's mass)
     hidden: tuple[torch.Tensor, ...] | None = None  # HF hidden_states: embeddings, then after each block
 
 
@@ -73,8 +74,9 @@ class TopKTeacher:
 
     kind = "topk"
 
-    def __init__(self, folder: Path, k: int, chunk: int, n: int, owned: bool = True):
+    def __init__(self, folder: Path, k: int, chunk: int, n: int, owned: bool = True, temperature: float = 1.0):
         self.folder, self.k, self.chunk, self.n, self.owned = Path(folder), k, chunk, n, owned
+        self.temperature = temperature  # the logz were taken at this temperature
 
     @property
     def disk_bytes(self) -> int:
@@ -83,7 +85,7 @@ class TopKTeacher:
     def batch(self, indices: torch.Tensor, ids: torch.Tensor) -> TeacherBatch:
         from safetensors.torch import load_file
 
-        vals, idxs = [], []
+        vals, idxs, logz = [], [], []
         cache: dict[int, dict[str, torch.Tensor]] = {}
         for i in indices.tolist():
             c = i // self.chunk
@@ -91,9 +93,11 @@ class TopKTeacher:
                 cache[c] = load_file(str(self.folder / f"{c}.safetensors"))
             vals.append(cache[c]["values"][i - c * self.chunk])
             idxs.append(cache[c]["indices"][i - c * self.chunk])
+            logz.append(cache[c]["logz"][i - c * self.chunk])
         dev = ids.device
         return TeacherBatch(topk_values=torch.stack(vals).to(dev, torch.float32),
-                            topk_indices=torch.stack(idxs).to(dev, torch.int64))
+                            topk_indices=torch.stack(idxs).to(dev, torch.int64),
+                            topk_logz=torch.stack(logz).to(dev, torch.float32))
 
     def close(self) -> None:
         if self.owned:
@@ -102,8 +106,9 @@ class TopKTeacher:
 
 @torch.no_grad()
 def precompute_topk(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int = 4,
-                    folder: str | Path | None = None) -> TopKTeacher:
-    """Run ``model`` (the teacher) once over ``windows`` and keep each position's ``k`` largest logits."""
+                    folder: str | Path | None = None, temperature: float = 1.0) -> TopKTeacher:
+    """Run ``model`` (the teacher) once over ``windows`` and keep each position's ``k`` largest logits, and the
+    log-normaliser of the whole distribution at ``temperature`` (so the mass outside the k is known)."""
     model.eval()
     dev = next(p for p in model.parameters() if not p.is_meta).device
     from safetensors.torch import save_file
@@ -118,26 +123,39 @@ def precompute_topk(model: nn.Module, windows: torch.Tensor, k: int, batch_size:
         vocab = logits.shape[-1]
         kk = min(k, vocab)
         v, i = logits.topk(kk, dim=-1)
-        save_file({"values": v.half().cpu().contiguous(), "indices": i.int().cpu().contiguous()},
-                  str(root / f"{c}.safetensors"))
-    t = TopKTeacher(root, min(k, vocab or k), batch_size, windows.shape[0], owned=owned)
+        logz = torch.logsumexp(logits / temperature, dim=-1)
+        save_file({"values": v.half().cpu().contiguous(), "indices": i.int().cpu().contiguous(),
+                   "logz": logz.float().cpu().contiguous()}, str(root / f"{c}.safetensors"))
+    t = TopKTeacher(root, min(k, vocab or k), batch_size, windows.shape[0], owned=owned, temperature=temperature)
     logger.info("teacher top-%d logits of %d windows: %.1f MB in %s", t.k, t.n, t.disk_bytes / 1e6, root)
     return t
 
 
-def kd_loss(student_logits: torch.Tensor, teacher: TeacherBatch, temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher: TeacherBatch, temperature: float = 1.0,
+            tail: str = "bucket") -> torch.Tensor:
     """T² · KL(teacher ‖ student) per token, averaged over every position of the batch.
 
-    With top-k teacher logits both distributions are taken over the teacher's k tokens, renormalised."""
+    With top-k teacher logits, ``tail``: ``bucket`` (default) keeps the k tokens' true probabilities and
+    treats the rest of the vocabulary as one more outcome, so the student is also held to the teacher's
+    mass outside the k (exact for the k, a lower bound of the full KL overall); ``renormalise`` takes
+    both distributions over the k tokens alone, renormalised (LinearPatch's reference)."""
     T = float(temperature)
     s = student_logits.float()
     if teacher.logits is not None:
         log_p = F.log_softmax(teacher.logits / T, dim=-1)
         log_q = F.log_softmax(s / T, dim=-1)
-    else:
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+    if tail == "renormalise" or teacher.topk_logz is None:
         log_p = F.log_softmax(teacher.topk_values / T, dim=-1)
         log_q = F.log_softmax(s.gather(-1, teacher.topk_indices) / T, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+    log_p = teacher.topk_values / T - teacher.topk_logz.unsqueeze(-1)
+    log_q_all = F.log_softmax(s / T, dim=-1)
+    log_q = log_q_all.gather(-1, teacher.topk_indices)
+    p = log_p.exp()
+    m_p = (1 - p.sum(-1)).clamp_min(1e-9)
+    m_q = (1 - log_q.exp().sum(-1)).clamp_min(1e-9)
+    kl = (p * (log_p - log_q)).sum(-1) + m_p * (m_p.log() - m_q.log())
     return kl.mean() * T * T
 
 

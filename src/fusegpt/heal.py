@@ -62,7 +62,7 @@ class HealConfig(Settings):
     label: ClassVar[str] = "heal"
     DEFAULTS: ClassVar[dict[str, Any]] = {"source": "wiki", "seed": 0, "lora_alpha": 16, "lora_dropout": 0.0,
                                           "batch_size": 4, "warmup": 0.05, "temperature": 1.0, "lm_weight": 0.5,
-                                          "hidden_weight": 0.0, "teacher_signal": "auto", "topk": 64,
+                                          "hidden_weight": 0.0, "teacher_signal": "auto", "topk": 64, "kd_tail": "bucket",
                                           "trainable": "lora", "full_blocks": 2, "train_head": True}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {"nsamples": 512, "seqlen": 2048, "epochs": 2, "lr": 1e-4, "lora_rank": 8, "loss": "lm"},
@@ -92,6 +92,9 @@ class HealConfig(Settings):
                                          "computed once, from disk), auto (topk unless hidden_weight needs online)",
                                          choices=SIGNALS)
     topk: int | None = setting("int", "teacher logits kept per position with teacher_signal=topk", low=1)
+    kd_tail: str | None = setting("choice", "top-k KD: bucket (the rest of the vocabulary as one more outcome: the "
+                                  "student is held to the teacher's mass outside the k) or renormalise (over the k "
+                                  "alone, LinearPatch's reference)", choices=("bucket", "renormalise"))
     trainable: str | None = setting("choice", "lora (merged back), full (the last full_blocks blocks and the LM "
                                     "head), norms, patches (LinearPatch matrices only)", choices=TRAINABLES)
     full_blocks: int | None = setting("int", "trainable=full: last blocks trained whole", low=0)
@@ -160,14 +163,15 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float
 
 
 @torch.no_grad()
-def mean_kd(model: nn.Module, windows: torch.Tensor, teacher, batch_size: int, temperature: float) -> float:
+def mean_kd(model: nn.Module, windows: torch.Tensor, teacher, batch_size: int, temperature: float,
+            tail: str = "bucket") -> float:
     """Mean distillation loss of ``model`` against ``teacher`` over ``windows``."""
     dev = next(p for p in model.parameters() if not p.is_meta).device
     tot = 0.0
     for b, ids in enumerate(windows.split(batch_size)):
         idx = torch.arange(b * batch_size, b * batch_size + ids.shape[0])
         ids = ids.to(dev)
-        tot += float(kd_loss(model(ids).logits, teacher.batch(idx, ids), temperature)) * ids.shape[0]
+        tot += float(kd_loss(model(ids).logits, teacher.batch(idx, ids), temperature, tail)) * ids.shape[0]
     return tot / windows.shape[0]
 
 
@@ -175,7 +179,7 @@ def make_teacher(teacher_model: nn.Module, windows: torch.Tensor, cfg: HealConfi
     """The teacher's signal for ``windows``: the model online, or its top-k logits (computed now)."""
     if cfg.signal == "online":
         return OnlineTeacher(teacher_model, hidden=bool(cfg.hidden_weight))
-    return precompute_topk(teacher_model, windows, cfg.topk, cfg.batch_size)
+    return precompute_topk(teacher_model, windows, cfg.topk, cfg.batch_size, temperature=cfg.temperature)
 
 
 def _trainables(model: nn.Module, cfg: HealConfig) -> list[nn.Parameter]:
@@ -235,7 +239,8 @@ def _train(model: nn.Module, windows: torch.Tensor, cfg: HealConfig, teacher, de
     was_training = model.training
     model.eval()
     before = mean_loss(model, windows, cfg.batch_size)
-    kd_before = mean_kd(model, windows, teacher, cfg.batch_size, cfg.temperature) if teacher is not None else None
+    kd_before = mean_kd(model, windows, teacher, cfg.batch_size, cfg.temperature, cfg.kd_tail) \
+        if teacher is not None else None
     flags = {id(q): q.requires_grad for q in model.parameters()}
     pm: Any = model  # the peft wrapper under LoRA
     if cfg.trainable == "lora":
@@ -283,7 +288,7 @@ def _train(model: nn.Module, windows: torch.Tensor, cfg: HealConfig, teacher, de
                 loss = loss + (lm if cfg.loss == "lm" else cfg.lm_weight * lm)
             if teacher is not None:
                 tb = teacher.batch(idx, ids)
-                kd = kd_loss(logits, tb, cfg.temperature)
+                kd = kd_loss(logits, tb, cfg.temperature, cfg.kd_tail)
                 loss = loss + (kd if cfg.loss == "kd" else (1 - cfg.lm_weight) * kd)
                 if cfg.hidden_weight and tb.hidden is not None:
                     loss = loss + cfg.hidden_weight * hidden_loss(out.hidden_states, tb.hidden, origin,
@@ -307,7 +312,8 @@ def _train(model: nn.Module, windows: torch.Tensor, cfg: HealConfig, teacher, de
     if was_training:
         merged.train()
     after = mean_loss(merged, windows, cfg.batch_size)
-    kd_after = mean_kd(merged, windows, teacher, cfg.batch_size, cfg.temperature) if teacher is not None else None
+    kd_after = mean_kd(merged, windows, teacher, cfg.batch_size, cfg.temperature, cfg.kd_tail) \
+        if teacher is not None else None
     record = HealResult(settings=cfg.to_dict(), loss_before=before, loss_after=after, loss_per_epoch=losses,
                         steps=step, wall_time_s=round(time.perf_counter() - t0, 1), loss=cfg.loss,
                         trained=cfg.trainable, trainable_params=sum(q.numel() for q in params),
