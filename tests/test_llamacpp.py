@@ -185,3 +185,18 @@ def test_bench_runtime_llamacpp(tmp_path, bpe_tokenizer, capsys):
     cell = res["models"][1]["cells"]["q8_0"]
     assert cell["pp"]["n"] == 2 and cell["tg"]["median"] > 0 and cell["pp_speedup"] > 0
     assert res["models"][1]["ideal_speedup_blocks"] == pytest.approx(1.5)
+
+
+def test_calibrate_a_llama_cpp_cost_model(tmp_path, bpe_tokenizer, monkeypatch, capsys):
+    from fusegpt.checkpoint import save_pruned
+    from fusegpt.cli import main
+    from fusegpt.loading import model_config
+    from fusegpt.speedmodel import load_cost_model
+
+    monkeypatch.setenv("FUSEGPT_CACHE", str(tmp_path / "cache"))
+    save_pruned(tiny_model("llama", vocab_size=300, intermediate_size=128), bpe_tokenizer, tmp_path / "dense")
+    assert main(["bench", "--calibrate", "--runtime", "llamacpp", "--dtypes", "q8_0", "--model", str(tmp_path / "dense"),
+                 "--rounds", "1", "--prompt-tokens", "32", "--gen-tokens", "4"]) == 0
+    assert "cost model: llamacpp q8_0" in capsys.readouterr().out
+    cm = load_cost_model(model_config(str(tmp_path / "dense")), "llamacpp", "q8_0", 1)
+    assert {s["name"] for s in cm.samples} >= {"dense", "shallow", "irregular ffn"} and cm.unit == 32

@@ -40,8 +40,15 @@ def test_calibrate_then_target_a_speedup(tiny_checkpoint, tmp_path, monkeypatch,
             "--runtime", "torch", "--target-speedup", "1.25"]
     assert main([*base, "--method", "mi", "--output", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "fusegpt bench --calibrate" in capsys.readouterr().err  # no cost model yet: says how to make one
-    cm = calibrate(str(path), "torch", threads=1, rounds=1, n_prompt=32, n_gen=4)
+    assert main(["bench", "--calibrate", "--runtime", "torch", "--model", str(path), "--rounds", "1",
+                 "--prompt-tokens", "32", "--gen-tokens", "4", "--threads", "1"]) == 0
+    assert "cost model: torch fp32" in capsys.readouterr().out
+    from fusegpt.loading import model_config
+    from fusegpt.speedmodel import load_cost_model
+
+    cm = load_cost_model(model_config(str(path)), "torch", "f16", 1, "cpu")  # the one the CLI fitted and kept
     assert len(cm.samples) >= 5 and all(c >= 0 for t in ("pp", "tg") for c in cm.coef[t])
+    assert calibrate(str(path), "torch", threads=1, rounds=1, n_prompt=32, n_gen=4).n_prompt == 32
     # timings of a tiny model on a shared CPU are noise; the targeting is tested on known coefficients
     from fusegpt.speedmodel import save_cost_model
 

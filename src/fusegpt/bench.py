@@ -221,12 +221,14 @@ def calibrate(spec: str | None, runtime: str, dtype: str = "f16", threads: int =
                    machine=machine_key(), threads=threads, n_prompt=n_prompt, n_gen=n_gen, device=kind)
     if runtime == "llamacpp":
         from .checkpoint.gguf import export_gguf
+        from .loading import load_tokenizer
 
+        tok = load_tokenizer(spec)  # llama.cpp loads no file without its vocabulary
         with tempfile.TemporaryDirectory(prefix="fusegpt-calibrate-") as tmp:
             files = {}
             for i, (name, shape) in enumerate(shapes):
                 model = random_model_of(config, shape)
-                files[name] = (export_gguf(model, None, Path(tmp) / f"{i}.gguf", dtype=dtype, threads=threads),
+                files[name] = (export_gguf(model, tok, Path(tmp) / f"{i}.gguf", dtype=dtype, threads=threads),
                                shape.vocab)
                 del model
             got = llamacpp.alternating(files, rounds, threads, n_prompt, n_gen)

@@ -111,6 +111,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--dtypes", default="f16", help="llamacpp: GGUF types, comma list (f16, q8_0, q4_k_m, ...)")
     b.add_argument("--rounds", type=int, default=None, help="alternating rounds over the models (default: 3 for "
                                                             "llamacpp, 1 for torch)")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="llamacpp and --calibrate: the pp test's prompt")
+    b.add_argument("--gen-tokens", type=int, default=128, help="llamacpp and --calibrate: the tg test's tokens")
     b.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     b.add_argument("--batch-sizes", default="1,4", help="torch: comma list")
     b.add_argument("--lengths", default="128,512", help="torch: prompt lengths (tokens), comma list")
@@ -137,8 +139,10 @@ def cmd_bench(args) -> int:
         batch_sizes, lengths = csv(args.batch_sizes, int), csv(args.lengths, int)
     except ValueError:
         raise UsageError("--batch-sizes and --lengths take comma lists of integers") from None
-    if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1 or (args.rounds is not None and args.rounds < 1):
-        raise UsageError("--repeats, --rounds and --decode-tokens must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 1 or (args.rounds is not None and args.rounds < 1) \
+            or args.prompt_tokens < 1 or args.gen_tokens < 1:
+        raise UsageError("--repeats, --rounds, --decode-tokens, --prompt-tokens and --gen-tokens must be >= 1, "
+                         "--warmup >= 0")
     if not batch_sizes or not lengths or min(batch_sizes) < 1 or min(lengths) < 1:
         raise UsageError(f"--batch-sizes and --lengths take positive integers, got {args.batch_sizes!r} and "
                          f"{args.lengths!r}")
@@ -148,13 +152,14 @@ def cmd_bench(args) -> int:
         check_model(spec, need_adapter=True)
     out = check_file_output(args.output, args.overwrite, what="--output") if args.output else None  # before the work
     if args.calibrate:
-        from ..speedmodel import calibrate
+        from ..bench import calibrate
 
         res = calibrate(specs[0], args.runtime, dtype=dtypes[0], threads=args.threads or 1,
-                        rounds=args.rounds or 2, device=args.device)
+                        rounds=args.rounds or 2, device=args.device, n_prompt=args.prompt_tokens, n_gen=args.gen_tokens)
         print(json.dumps(res.to_dict()) if args.json else res.describe())
     elif args.runtime == "llamacpp":
         res = bench_llamacpp(specs, dtypes, rounds=args.rounds or 3, threads=args.threads or 1,
+                             n_prompt=args.prompt_tokens, n_gen=args.gen_tokens,
                              names=[m for m in (args.model or ["embedded"])])
         print(json.dumps(res) if args.json else format_llamacpp(res))
         res = {**res}
