@@ -116,7 +116,9 @@ def test_llm_pruner_on_the_embedded_model(tmp_path):
     model, tok = load_model()
     model, rep = compress(model, tok, LLMPrunerConfig(sparsity=0.2, calib_source="news"))
     d = rep.steps[0].details
-    assert abs(d["sparsity_achieved"] - 0.2) < 0.002
+    # the cpu preset aligns widths to 128 channels: the target is met to within one such step of one layer
+    assert 0.2 <= d["sparsity_achieved"] < 0.2 + 128 * 3 * 576 / 106e6
+    assert all(x["ffn"][1] % 128 == 0 for x in d["layers"])
     assert all(x["params"][0] == x["params"][1] for x in d["layers"][:4] + d["layers"][-2:])
     ppl = evaluate(model, tok, EvalConfig(data=("wiki",), seqlen=256, max_tokens=1024))["wiki"]
     assert ppl < 200, ppl  # measured 20% on 16,384 tokens: see benchmarks/RESULTS.md

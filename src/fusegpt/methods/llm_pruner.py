@@ -41,6 +41,7 @@ from .block_scoring import calibration_for
 from .magnitude import ScoreChooser
 from .registry import Method, register
 from .slimgpt import SlimGPTConfig, run_width, width_memory
+from .slimgpt.config import CPU_ALIGN
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class LLMPrunerConfig(SlimGPTConfig):
     method: ClassVar[str] = "llm-pruner"
     DEFAULTS: ClassVar[dict[str, Any]] = {"schedule": "uniform", "taylor": "element", "keep_first": 4,
                                           "keep_last": 2, "batch_size": 1}
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 10, "seqlen": 64},
-                                                    "cpu": {"nsamples": 10, "seqlen": 64}}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 10, "seqlen": 64, "align": 1},
+                                                    "cpu": {"nsamples": 10, "seqlen": 64, "align": CPU_ALIGN}}
 
     taylor: str | None = setting("choice", "element (sum of |w·g| per row/column, the reference's default) or "
                                  "vector (|sum of w·g|)", choices=TAYLOR)

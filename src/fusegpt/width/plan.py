@@ -3,7 +3,8 @@
 **Alignment** (``align``, SlimGPT / LLM-Pruner / magnitude): every layer's kept FFN width is a
 multiple of ``align`` (or the unpruned width), and its kept query heads × head_dim too (or all heads),
 so the projections' row lengths fit llama.cpp's quantisation blocks (32 for q8_0 / q4_0, 256 for the
-k-quants) and the kernels' tiles. Which channels and heads go is still the method's choice; only
+k-quants) and the kernels' tiles. For a layer whose FFN holds fewer than 8 multiples of ``align``,
+it is halved until it does (:func:`effective_align`), so small models stay prunable. Which channels and heads go is still the method's choice; only
 how many is rounded. **Layout** ``uniform``: every layer gets the same widths (the schedule is
 ``uniform`` and no block is kept whole), so the result is a stock checkpoint of its architecture.
 
@@ -78,6 +79,18 @@ class WidthPlan:
         return 1.0 - self.params_after / self.params_start
 
 
+MIN_STEPS = 8  # a layer keeps at least this many width steps: align halves until its FFN holds 8 multiples
+
+
+def effective_align(align: int, ffn: int) -> int:
+    """``align``, halved until the FFN width holds at least :data:`MIN_STEPS` multiples of it (so a small
+    model stays prunable under the preset's alignment); 1 stays 1."""
+    a = max(1, align)
+    while a > 1 and ffn // a < MIN_STEPS:
+        a //= 2
+    return a
+
+
 def aligned_heads(w: BlockWidth, rule: str, align: int) -> list[tuple[int, int, int]]:
     """Head options whose ``heads × head_dim`` (the rows of o_proj's input) is a multiple of ``align``;
     keeping every head is always allowed (the unpruned width is what the kernels already run)."""
@@ -94,6 +107,7 @@ def aligned_channels(ffn: int, kept: int, align: int) -> int:
 
 
 def _layer_plan(i: int, w: BlockWidth, rule: str, r: float, cap: float, align: int = 1) -> LayerPlan:
+    align = effective_align(align, w.ffn)
     r = min(max(r, 0.0), cap)
     target = r * w.total
     want = w.n_heads * (1.0 - r)
@@ -173,5 +187,32 @@ def plan_widths(adapter: DecoderAdapter, cfg, start_params: int | None = None) -
         else:
             lo = mid
     plans = build(hi)
+    if align > 1 and not uniform:
+        plans = _give_back(plans, widths, removed(plans) - need, align)
     after = now - removed(plans)
     return WidthPlan(plans, hi, start, now, after, cfg.sparsity)
+
+
+def _give_back(plans: list[LayerPlan], widths: list[BlockWidth], slack: float, align: int) -> list[LayerPlan]:
+    """Aligned widths move in steps of ``align`` channels, so the plan can remove more than the budget asks
+    (every layer rounded the same way: 5% of the decoder at once for LLM-Pruner's uniform ratio). Hand
+    single steps back, one layer at a time, the least pruned (most sensitive) layers first, round-robin,
+    while the budget still holds; the overshoot left is under one layer's step."""
+    plans = list(plans)
+    order = sorted(range(len(plans)), key=lambda i: (plans[i].ratio_target, i))
+    changed = True
+    while changed:
+        changed = False
+        for i in order:
+            p, w = plans[i], widths[i]
+            a = effective_align(align, w.ffn)
+            kept = p.ffn[1]
+            more = w.ffn if kept + a > w.ffn else kept + a
+            cost = (more - kept) * w.per_channel
+            if more == kept or cost > slack:
+                continue
+            plans[i] = LayerPlan(p.index, p.ratio_target, p.heads, p.kv_heads, (p.ffn[0], more),
+                                 (p.params[0], p.params[1] + cost), p.rule)
+            slack -= cost
+            changed = True
+    return plans

@@ -9,6 +9,14 @@ from ...settings import PruneConfig, check, setting
 from ...width import WIDTH_SCHEDULES
 
 HEAD_RULES = ("auto", "equal_per_group", "kv_groups")
+# Widths a multiple of 128 in the cpu preset (the CPU and llama.cpp are where it runs): measured on the embedded
+# model at 20% (benchmarks/RESULTS.md §12, llama.cpp 1 thread, alternating rounds), unaligned per-layer widths ran
+# 0.76x / 0.88x / 0.89x dense at pp512 (f16 / q8_0 / q4_k_m); align 32 / 64 / 128 / 256 gave pp512 1.34 / 1.38 /
+# 1.37 / 1.21x and tg128 1.18 / 1.25 / 1.36 / 1.22x in f16, 1.22 / 1.21 / 1.20 / 1.19x and 1.23 / 1.22 / 1.31 /
+# 1.49x in q4_k_m, perplexity within 1.5% of unaligned (39.87 -> 39.89 / 40.44 / 39.97 / 39.37 wiki); 128 had the
+# best mean over the six. The paper preset (the CUDA default) keeps the paper's free widths (align 1); GPU tiles
+# were not measured here.
+CPU_ALIGN = 128
 LAYOUTS = ("per-layer", "uniform")
 
 
@@ -41,9 +49,9 @@ class SlimGPTConfig(PruneConfig):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "calib_source": "news", "schedule": "log_increase", "min_ratio": 0.0, "max_layer_ratio": 0.9,
         "head_rule": "auto", "percdamp": 0.01, "gcd": True, "dgs": True, "ffn_group_min": 64,
-        "ffn_group_max": 1024, "batch_size": 8, "align": 1, "layout": "per-layer"}
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 2048},
-                                                    "cpu": {"nsamples": 32, "seqlen": 512}}
+        "ffn_group_max": 1024, "batch_size": 8, "align": 1, "layout": "per-layer"}  # align: see CPU_ALIGN
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {"nsamples": 256, "seqlen": 2048, "align": 1},
+                                                    "cpu": {"nsamples": 32, "seqlen": 512, "align": CPU_ALIGN}}
 
     schedule: str | None = setting("choice", "per-layer ratio schedule (log_increase = the paper's incremental ratio)",
                                    choices=WIDTH_SCHEDULES)
