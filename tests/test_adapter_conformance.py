@@ -177,14 +177,14 @@ def test_compress_fusegpt_end_to_end(any_family, toy_tokenizer, input_ids, tmp_p
 
 def test_replaceme_or_a_clear_refusal(any_family, toy_tokenizer, input_ids, tmp_path):
     """ReplaceMe's contract: a block output of input stream + down projection, or LinearMapError saying why."""
-    from fusegpt import api, config_for
+    from fusegpt import ConfigError, api, config_for
     from fusegpt.linear_map import LinearMapError
 
     model = tiny_model(any_family)
     cfg = config_for("replaceme", sparsity=0.2, nsamples=2, seqlen=32)
     try:
         model, report = api.compress(model, toy_tokenizer, cfg)
-    except LinearMapError as e:
+    except (LinearMapError, ConfigError) as e:  # refused in the plan (Gemma 2/3) or on the first window
         assert "down projection" in str(e) or "norm after the FFN" in str(e)
         return
     assert len(report.removed) == 2 and 0 not in report.removed

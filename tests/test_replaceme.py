@@ -160,6 +160,8 @@ def test_refusals(text_file):
     gemma2 = tiny_model("gemma2")  # a norm after the FFN: the map cannot be folded
     with pytest.raises(LinearMapError, match="norm after the FFN"):
         fit_spans(get_adapter(gemma2), _calib(2, 16), [(1, 2)])
+    with pytest.raises(ConfigError, match="norm after the FFN"):  # and the plan knows it from the family
+        compress(gemma2, ToyTokenizer(), ReplaceMeConfig(sparsity=0.2, calib_source=text_file, nsamples=8, seqlen=16))
 
 
 def test_cli_replaceme_and_linear_fold(tiny_checkpoint, tmp_path, capsys):

@@ -118,6 +118,7 @@ class ModelGeometry:
     blocks_params: int  # all blocks together
     roles_io: int  # Σ over a block's linear roles of (in + out)
     max_context: int | None = None
+    residual_down_proj: bool = True  # the adapter's: may a linear map be folded into the down projection?
 
     @classmethod
     def of(cls, model_or_config) -> ModelGeometry:
@@ -141,6 +142,7 @@ class ModelGeometry:
             blocks_params=sum(p.numel() for p in a.layers.parameters()),
             roles_io=sum(m.in_features + m.out_features for m in roles.values()),
             max_context=a.max_context,
+            residual_down_proj=type(a).residual_down_proj,
         )
 
 

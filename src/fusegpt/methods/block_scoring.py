@@ -94,6 +94,8 @@ class BlockPruneConfig(PruneConfig):
     def plan_model(self, geometry) -> None:
         super().plan_model(geometry)
         if self.linear_fold not in (None, "none"):
+            check(geometry.residual_down_proj, "linear_fold folds a map into the block before a removed run, which "
+                  "needs a block output of the form input + down_proj(…); this family has a norm after the FFN")
             check_map_tokens(self.fold_nsamples * self.fold_seqlen, geometry.hidden, 0.0, "linear_fold",
                              "fold_nsamples × fold_seqlen")
 

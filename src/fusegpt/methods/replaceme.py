@@ -98,6 +98,10 @@ class ReplaceMeConfig(BlockPruneConfig):
 
     def plan_model(self, geometry) -> None:
         super().plan_model(geometry)
+        check(self.solver == "identity" or geometry.residual_down_proj,
+              "replaceme folds its map into the block before the span, which needs a block output of the form "
+              "input + down_proj(…); this family (Gemma 2/3) has a norm after the FFN: use another depth method, "
+              "or --set solver=identity (no map)")
         if self.solver == "ls" or (self.solver == "cosine" and self.cosine_init == "ls"):
             check_map_tokens(self.nsamples * self.seqlen, geometry.hidden, self.ridge, "replaceme",
                              "nsamples × seqlen")

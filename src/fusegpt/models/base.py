@@ -51,6 +51,9 @@ class DecoderAdapter:
     # how load_model builds the model: the transformers auto class and attention implementation
     auto_class: str = "AutoModelForCausalLM"
     attn_implementation: str = "sdpa"
+    # a block's output is its input stream plus its down projection's output (no norm after the FFN): what
+    # ReplaceMe's and linear_fold's map folded into the down projection needs
+    residual_down_proj: bool = True
 
     def __init__(self, model: nn.Module, origin: Sequence[int] | None = None):
         self.model = model

@@ -46,6 +46,7 @@ class Gemma2Adapter(DecoderAdapter):
     """
 
     model_types = ("gemma2",)
+    residual_down_proj = False  # a norm follows the FFN (and the attention)
     attn_implementation = "eager"  # Gemma-2 soft-caps attention logits: no SDPA
 
     def norm_modules(self, block: nn.Module) -> list[nn.Module]:
