@@ -47,7 +47,7 @@ def test_one_checker_for_every_kind():
 
 
 def test_set_help_lists_the_settings(tiny_checkpoint, capsys):
-    assert main(["prune", "--method", "fusegpt", "--output", "x", "--set", "help"]) == 0
+    assert main(["prune", "--method", "fusegpt", "--set", "help"]) == 0
     out = capsys.readouterr().out
     assert "lr_coef" in out and "a number >= 0" in out and "learning rate of the fusion coefficients" in out
     assert "[paper=0.001, cpu=0.01]" in out

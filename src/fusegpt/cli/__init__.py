@@ -31,11 +31,16 @@ EPILOG = """examples:
   fusegpt prune --method mi --sparsity 0.25 --output runs/mi25      # embedded SmolLM2, cpu preset on a CPU
   fusegpt prune --method fusegpt --sparsity 0.25 --dry-run --output runs/f25   # settings, memory, time; no work
   fusegpt prune --model meta-llama/Llama-2-7b-hf --method sleb --sparsity 0.2 --calib wikitext2 --output out
-  fusegpt heal --model runs/mi25 --output runs/mi25-healed             # LoRA recovery fine-tuning, merged
+  fusegpt prune --method fusegpt --sparsity 0.25 --set help   # every setting, its bounds and help
+  fusegpt prune --recipe runs/mi25/report.json --output runs/mi25-again  # re-run a finished run exactly
+  fusegpt prune --method slimgpt --target-speedup 1.3 --runtime llamacpp --output runs/fast   # a speed target
+  fusegpt heal --model runs/mi25 --set loss=kd --output runs/mi25-healed   # distil from the dense model, merged
   fusegpt eval --model runs/mi25 --data wiki news --max-tokens 32768 --json
   fusegpt eval --model runs/mi25 --tasks proxies --limit 100        # offline zero-shot proxies (lm-eval)
   fusegpt sweep --methods shortgpt,sleb,mi --sparsity 0.125,0.25 --output runs/sweep
   fusegpt bench --model embedded --model runs/mi25                  # latency, tokens/s, memory
+  fusegpt bench --runtime llamacpp --dtypes f16,q4_k_m --model embedded --model runs/mi25   # pp512 / tg128
+  fusegpt eval --model runs/mi25 --data wiki --teacher embedded     # KL, top-1, generation match to dense
   fusegpt report runs/mi25                                          # report.md with PNG plots
 data sources: wiki, news (embedded), wikitext2, c4, ptb (hub), or a .txt / .jsonl file"""
 

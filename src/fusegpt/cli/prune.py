@@ -75,7 +75,7 @@ def add_prune_parser(sub) -> None:
                    help="continue an interrupted run from <output>.state/ (same settings)")
     p.add_argument("--restart", action="store_true",
                    help="discard the run state an interrupted run left in <output>.state/ and start again")
-    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--output", default=None, help="output folder (written atomically; required but with --set help)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder (only one fusegpt wrote, with nothing added)")
     add_before_after_eval_args(p)
@@ -152,6 +152,8 @@ def cmd_prune(args) -> int:
         names = parse_chain(args.method) if args.method else [c.method for c in _recipe_steps(args.recipe)]
         print(_settings_help(names, heal=wants_help(args.heal_set) or args.heal))
         return 0
+    if args.output is None:
+        raise UsageError("give --output: the folder the pruned model is saved to")
     configs, recipe, heal = _chain(args)
     eval_cfg = eval_config_of(args, recipe.eval if recipe else None)
     model = args.model if args.model is not None or recipe is None else recipe.model
