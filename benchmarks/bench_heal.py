@@ -20,7 +20,8 @@ which stays in memory as the teacher. Variants (``--variants``):
 Each cell: perplexity on ``wiki`` and ``news`` (16,384 tokens at seqlen 512) and fidelity to the teacher
 on ``wiki`` (KL, top-1 agreement, greedy match of 16 prompts × 32 tokens), heal wall time, peak RSS;
 "total minutes" = the base's pruning time + the healing time. Results accumulate in ``--out``
-(finished cells are skipped) and a Markdown table is printed.
+(finished cells are skipped) and a Markdown table is printed; bases split over several processes write
+one ``--out`` each (a file is rewritten whole), and ``--table A.json B.json`` prints them as one table.
 """
 
 from __future__ import annotations
@@ -105,7 +106,15 @@ def main() -> int:
     ap.add_argument("--eval-data", default="wiki,news")
     ap.add_argument("--no-fidelity", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results_heal" / "heal.json"))
+    ap.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                    help="print one table of these result files (runs split over processes) and stop")
     args = ap.parse_args()
+    if args.table:
+        merged: dict = {}
+        for f in args.table:
+            merged.update(json.loads(Path(f).read_text()))
+        print(table(merged))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     out = Path(args.out)

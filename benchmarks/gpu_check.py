@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
@@ -54,6 +55,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results_gpu" / "gpu_check.json"))
     ap.add_argument("--no-results-md", action="store_true", help="do not rewrite the GPU section of RESULTS.md")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t_start = time.perf_counter()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
