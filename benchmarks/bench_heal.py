@@ -11,7 +11,8 @@ which stays in memory as the teacher. Variants (``--variants``):
 
 * ``none``: the pruned model as it is;
 * ``lm`` / ``kd`` / ``kd+lm``: ``fusegpt.heal`` with the ``cpu`` preset's LoRA healing (64 × 256 ``wiki``
-  windows, 1 epoch, rank 8, lr 2e-4), only the loss differs; KD from the teacher's top-64 logits;
+  windows, 1 epoch, rank 8, lr 1e-3; 2e-4 before 2026-12-04: ``lm:lr=0.0002`` reproduces those rows), only
+  the loss differs; KD from the teacher's top-64 logits;
 * ``kd-online``: KD with the teacher online (full logits) instead of top-64;
 * ``kd-full`` / ``kd-norms``: KD training the LM head and last 2 blocks / only the norms (lr ``--full-lr``);
 * ``patch``: LinearPatch at the removed runs (the dense model's statistics, exactly what
@@ -163,8 +164,8 @@ def main() -> int:
 def table(res: dict) -> str:
     d = res["dense"]["ppl"]
     lines = [f"dense: wiki {d['wiki']:.2f}, news {d['news']:.2f}", "",
-             "| base | repair | ppl wiki | ppl news | KL to dense | top-1 | gen. match mean / median | train loss "
-             "(LM) before → after | repair s | total min | peak MB |", "|" + "---|" * 11]
+             "| base | repair | lr | ppl wiki | ppl news | KL to dense | top-1 | gen. match mean / median | train "
+             "loss (LM) before → after | repair s | total min | peak MB |", "|" + "---|" * 12]
     for key, c in res.items():
         if key == "dense":
             continue
@@ -174,7 +175,8 @@ def table(res: dict) -> str:
         fid = (f"{f['kl']:.4f} | {f['top1']:.4f} | {f['gen_match_mean']:.1f} / {f['gen_match_median']:.1f}" if f
                else "– | – | –")
         ppl = " | ".join(f"{c['ppl'][s]:.2f}" if s in c["ppl"] else "–" for s in ("wiki", "news"))
-        lines.append(f"| {c['base']} | {c['variant']} | {ppl} | {fid} | {lm} | {c['repair_s']:.0f} | "
+        lr = f"{h['settings']['lr']:g}" if h else "–"  # the rate the cell ran at (the preset's changed)
+        lines.append(f"| {c['base']} | {c['variant']} | {lr} | {ppl} | {fid} | {lm} | {c['repair_s']:.0f} | "
                      f"{c['total_min']:.1f} | {c['peak_mb']:.0f} |")
     return "\n".join(lines)
 
