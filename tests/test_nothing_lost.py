@@ -137,6 +137,7 @@ def test_every_file_gets_the_umask(tiny_checkpoint, tmp_path):
         assert main(_mi(path, text, tmp_path / "o")) == 0
     finally:
         os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755  # the folder too
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
 

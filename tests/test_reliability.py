@@ -8,7 +8,6 @@ renaming, a save that fails after the work, an unwritable place, a stale tempora
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -126,16 +125,6 @@ def test_overwrite_replaces_only_fusegpt_output(tiny_checkpoint, tmp_path, capsy
     (tmp_path / "empty").mkdir()
     assert main(_prune(path, text, tmp_path / "empty", "--overwrite")) == 0  # so may an empty folder
 
-
-def test_outputs_respect_the_umask(tiny_checkpoint, tmp_path):
-    path, text = tiny_checkpoint
-    old = os.umask(0o022)
-    try:
-        assert main(_prune(path, text, tmp_path / "o")) == 0
-    finally:
-        os.umask(old)
-    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "o" / "report.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_stale_temporaries_are_cleaned_and_said(tiny_checkpoint, tmp_path, caplog):
