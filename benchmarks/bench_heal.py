@@ -111,6 +111,9 @@ def main() -> int:
                     help="print one table of these result files (runs split over processes) and stop")
     args = ap.parse_args()
     if args.table:
+        missing = [f for f in args.table if not Path(f).is_file()]
+        if missing:
+            raise SystemExit(f"bench_heal: no result file {', '.join(missing)} (give the --out files of earlier runs)")
         merged: dict = {}
         for f in args.table:
             merged.update(json.loads(Path(f).read_text()))

@@ -126,7 +126,6 @@ def test_overwrite_replaces_only_fusegpt_output(tiny_checkpoint, tmp_path, capsy
     assert main(_prune(path, text, tmp_path / "empty", "--overwrite")) == 0  # so may an empty folder
 
 
-
 def test_stale_temporaries_are_cleaned_and_said(tiny_checkpoint, tmp_path, caplog):
     path, text = tiny_checkpoint
     stale = tmp_path / ".o.tmp-killed"

@@ -25,8 +25,8 @@ tokens; ``cpu`` = 64 × 256 tokens, 1 epoch (16 steps; a few minutes for the emb
 cores) at lr 1e-3 with the LM loss, the best perplexity measured there (benchmarks/RESULTS.md §13: lr
 1e-3 healed ReplaceMe 25% to 36.37 / 47.27 against 40.73 / 51.64 at 2e-4; KD at 1e-3 reached 37.70 /
 47.80, closer to the teacher (KL 0.695 against 0.722) but not better in perplexity; SLEB and FuseGPT
-gained 19-20% and 11-12% from the same change). ``loss=kd`` is
-the choice when agreement with the dense model matters more than perplexity.
+gained 19-20% and 11-12% from the same change). ``loss=kd`` is the choice when agreement with the dense
+model matters more than perplexity.
 """
 
 from __future__ import annotations
