@@ -128,8 +128,9 @@ def main() -> int:
     fid = EvalConfig(data=("wiki",), seqlen=512, max_tokens=args.max_tokens, fidelity=True)
     dense, tok = load_model(args.teacher)
     dense.eval()
-    if "dense" not in res:
-        res["dense"] = {"ppl": evaluate(dense, tok, ev)}
+    dense_key = "dense" if args.teacher is None else f"dense:{args.teacher}"
+    if dense_key not in res:
+        res[dense_key] = {"ppl": evaluate(dense, tok, ev)}
         out.write_text(json.dumps(res, indent=1))
     for spec in args.base:
         name, _, folder = spec.partition("=")
@@ -165,12 +166,16 @@ def main() -> int:
 
 
 def table(res: dict) -> str:
-    d = res["dense"]["ppl"]
-    lines = [f"dense: wiki {d['wiki']:.2f}, news {d['news']:.2f}", "",
+    lines = []
+    for key in sorted(k for k in res if k == "dense" or k.startswith("dense:")):
+        d = res[key]["ppl"]
+        teacher = key.partition(":")[2] or "the embedded SmolLM2"
+        lines.append(f"dense ({teacher}): wiki {d['wiki']:.2f}, news {d['news']:.2f}  ")
+    lines += ["",
              "| base | repair | lr | ppl wiki | ppl news | KL to dense | top-1 | gen. match mean / median | train "
              "loss (LM) before → after | repair s | total min | peak MB |", "|" + "---|" * 12]
     for key, c in res.items():
-        if key == "dense":
+        if key == "dense" or key.startswith("dense:"):
             continue
         f = c.get("fidelity")
         h = c.get("heal")
