@@ -275,3 +275,28 @@ def test_memory_guard_interrupt_as_the_work_ends_is_not_a_keyboard_interrupt():
         with g:
             g.tripped_mb = 1.0  # as if the watcher tripped right at the end of the work
             _thread.interrupt_main()
+
+
+def test_gguf_conversion_publish_keeps_a_finished_copy_of_another_process(tmp_path):
+    """Two processes converting the same GGUF at once: the second must not delete the first's folder."""
+    from fusegpt.loading import _publish_conversion
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text('{"from": "first"}')
+    tmp = tmp_path / "model.tmp-x"
+    tmp.mkdir()
+    (tmp / "config.json").write_text('{"from": "second"}')
+    _publish_conversion(tmp, out)
+    assert (out / "config.json").read_text() == '{"from": "first"}'
+    assert not tmp.exists()
+    # an incomplete folder (no config.json) is replaced by the finished conversion
+    partial = tmp_path / "other"
+    partial.mkdir()
+    (partial / "model.safetensors").write_text("half")
+    tmp2 = tmp_path / "other.tmp-y"
+    tmp2.mkdir()
+    (tmp2 / "config.json").write_text("{}")
+    _publish_conversion(tmp2, partial)
+    assert (partial / "config.json").is_file() and not (partial / "model.safetensors").exists()
+    assert not tmp2.exists()

@@ -85,12 +85,33 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_conversion(tmp, out)
+
+
+def _publish_conversion(tmp: Path, out: Path) -> None:
+    """Move a finished conversion ``tmp`` to ``out``; safe when two processes convert the same file at once.
+
+    A complete ``out`` (it has ``config.json``) written meanwhile by another process is kept and ``tmp``
+    dropped: never delete a folder another process may be loading from. An incomplete ``out`` (a crash
+    before this rename existed) is replaced.
+    """
+    try:
+        if (out / "config.json").is_file():
+            logger.info("%s was converted meanwhile by another process; keeping it", out)
+            return
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not the race named above: a real failure
+                raise
+            logger.info("%s was converted meanwhile by another process; keeping it", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_embedded(p: Path) -> bool:
