@@ -277,26 +277,26 @@ def test_memory_guard_interrupt_as_the_work_ends_is_not_a_keyboard_interrupt():
             _thread.interrupt_main()
 
 
+
+def _folder(path: Path, **files: str) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name.replace("_", ".")).write_text(text)
+    return path
+
+
 def test_gguf_conversion_publish_keeps_a_finished_copy_of_another_process(tmp_path):
     """Two processes converting the same GGUF at once: the second must not delete the first's folder."""
     from fusegpt.loading import _publish_conversion
 
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "config.json").write_text('{"from": "first"}')
-    tmp = tmp_path / "model.tmp-x"
-    tmp.mkdir()
-    (tmp / "config.json").write_text('{"from": "second"}')
+    out = _folder(tmp_path / "model", config_json='{"from": "first"}')
+    tmp = _folder(tmp_path / "model.tmp-x", config_json='{"from": "second"}')
     _publish_conversion(tmp, out)
     assert (out / "config.json").read_text() == '{"from": "first"}'
     assert not tmp.exists()
-    # an incomplete folder (no config.json) is replaced by the finished conversion
-    partial = tmp_path / "other"
-    partial.mkdir()
-    (partial / "model.safetensors").write_text("half")
-    tmp2 = tmp_path / "other.tmp-y"
-    tmp2.mkdir()
-    (tmp2 / "config.json").write_text("{}")
+    # an incomplete folder (no config.json: a crash from before the atomic rename) is replaced
+    partial = _folder(tmp_path / "other", model_safetensors="half")
+    tmp2 = _folder(tmp_path / "other.tmp-y", config_json="{}")
     _publish_conversion(tmp2, partial)
     assert (partial / "config.json").is_file() and not (partial / "model.safetensors").exists()
     assert not tmp2.exists()
