@@ -115,9 +115,12 @@ def main() -> int:
         if missing:
             raise SystemExit(f"bench_heal: no result file {', '.join(missing)} (give the --out files of earlier runs)")
         merged: dict = {}
-        for f in args.table:
-            merged.update(json.loads(Path(f).read_text()))
+        for f in args.table:  # cells keyed per file: two files may both hold a "sleb25|kd" (run at other rates)
+            merged.update({k if k.startswith("dense") else f"{f}#{k}": v
+                           for k, v in json.loads(Path(f).read_text()).items()})
         print(table(merged))
+        print()
+        print(loss_pairs(merged))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
@@ -186,6 +189,30 @@ def table(res: dict) -> str:
         lr = f"{h['settings']['lr']:g}" if h else "–"  # the rate the cell ran at (the preset's changed)
         lines.append(f"| {c['base']} | {c['variant']} | {lr} | {ppl} | {fid} | {lm} | {c['repair_s']:.0f} | "
                      f"{c['total_min']:.1f} | {c['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def loss_pairs(res: dict) -> str:
+    """KD and KD+LM against LM healing of the same base at the same rate, epochs and trainable part (equal
+    windows and steps): relative perplexity (negative = lower than LM) and the fidelity pair."""
+    cells: dict[tuple, dict] = {}
+    for c in res.values():
+        h = c.get("heal")
+        if h and c.get("fidelity"):
+            s = h["settings"]
+            cells[(c["base"], s["lr"], s["epochs"], s["trainable"], s["loss"])] = c
+    lines = ["| base | lr | epochs | loss | wiki vs LM | news vs LM | KL (vs LM's) | top-1 (vs LM's) |",
+             "|" + "---|" * 8]
+    for (base, lr, epochs, trainable, loss), lm in cells.items():
+        if loss != "lm":
+            continue
+        for other in ("kd", "kd+lm"):
+            o = cells.get((base, lr, epochs, trainable, other))
+            if o is None:
+                continue
+            rel = " | ".join(f"{100 * (o['ppl'][s] / lm['ppl'][s] - 1):+.1f}%" for s in ("wiki", "news"))
+            lines.append(f"| {base} | {lr:g} | {epochs} | {other} | {rel} | {o['fidelity']['kl']:.3f} "
+                         f"({lm['fidelity']['kl']:.3f}) | {o['fidelity']['top1']:.3f} ({lm['fidelity']['top1']:.3f}) |")
     return "\n".join(lines)
 
 
