@@ -11,8 +11,8 @@ which stays in memory as the teacher. Variants (``--variants``):
 
 * ``none``: the pruned model as it is;
 * ``lm`` / ``kd`` / ``kd+lm``: ``fusegpt.heal`` with the ``cpu`` preset's LoRA healing (64 × 256 ``wiki``
-  windows, 1 epoch, rank 8, lr 1e-3; 2e-4 before 2026-12-04: ``lm:lr=0.0002`` reproduces those rows), only
-  the loss differs; KD from the teacher's top-64 logits;
+  windows, 1 epoch, rank 8, lr 3e-3; 2e-4 and then 1e-3 earlier on 2026-12-04: ``lm:lr=0.0002`` and
+  ``lm:lr=0.001`` reproduce those rows), only the loss differs; KD from the teacher's top-64 logits;
 * ``kd-online``: KD with the teacher online (full logits) instead of top-64;
 * ``kd-full`` / ``kd-norms``: KD training the LM head and last 2 blocks / only the norms (lr ``--full-lr``);
 * ``patch``: LinearPatch at the removed runs (the dense model's statistics, exactly what
