@@ -8,8 +8,9 @@ Two ways to have the teacher at hand while the pruned student trains on windows 
 * :class:`TopKTeacher`: each window's top-``k`` teacher logits (values and indices) computed **once**
   (:func:`precompute_topk`) and streamed from disk, so a 7B teacher never sits beside its student:
   ``N × T × k × 6`` bytes on disk (fp16 values, int32 indices) and one teacher forward per window in
-  all. The KL is then taken over those ``k`` tokens, renormalised (LinearPatch's offline distillation);
-  with ``k`` = the vocabulary it is the full KL.
+  all. The KL is then taken over those ``k`` tokens plus one bucket for the rest of the vocabulary
+  (``kd_tail=bucket``, the default) or over the ``k`` alone, renormalised (``renormalise``: LinearPatch's
+  offline distillation); with ``k`` = the vocabulary it is the full KL.
 
 Losses (per token, averaged): ``kd_loss`` = T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) (Minitron's
 forward KL; T = 1 by default); ``hidden_loss`` = ‖h_s − h_t‖² / ‖h_t‖² per token at the kept blocks'
