@@ -116,7 +116,7 @@ def main() -> int:
             raise SystemExit(f"bench_heal: no result file {', '.join(missing)} (give the --out files of earlier runs)")
         merged: dict = {}
         for f in args.table:  # cells keyed per file: two files may both hold a "sleb25|kd" (run at other rates)
-            merged.update({k if k.startswith("dense") else f"{f}#{k}": v
+            merged.update({k if _is_dense(k) else f"{f}#{k}": v
                            for k, v in json.loads(Path(f).read_text()).items()})
         print(table(merged))
         print()
@@ -168,9 +168,14 @@ def main() -> int:
     return 0
 
 
+def _is_dense(key: str) -> bool:
+    """A dense model's row: ``dense`` (the embedded SmolLM2) or ``dense:TEACHER``."""
+    return key == "dense" or key.startswith("dense:")
+
+
 def table(res: dict) -> str:
     lines = []
-    for key in sorted(k for k in res if k == "dense" or k.startswith("dense:")):
+    for key in sorted(filter(_is_dense, res)):
         d = res[key]["ppl"]
         teacher = key.partition(":")[2] or "the embedded SmolLM2"
         lines.append(f"dense ({teacher}): wiki {d['wiki']:.2f}, news {d['news']:.2f}  ")
@@ -178,7 +183,7 @@ def table(res: dict) -> str:
              "| base | repair | lr | ppl wiki | ppl news | KL to dense | top-1 | gen. match mean / median | train "
              "loss (LM) before → after | repair s | total min | peak MB |", "|" + "---|" * 12]
     for key, c in res.items():
-        if key == "dense" or key.startswith("dense:"):
+        if _is_dense(key):
             continue
         f = c.get("fidelity")
         h = c.get("heal")

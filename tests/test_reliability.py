@@ -277,7 +277,6 @@ def test_memory_guard_interrupt_as_the_work_ends_is_not_a_keyboard_interrupt():
             _thread.interrupt_main()
 
 
-
 def _folder(path: Path, **files: str) -> Path:
     path.mkdir()
     for name, text in files.items():

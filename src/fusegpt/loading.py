@@ -99,17 +99,16 @@ def _publish_conversion(tmp: Path, out: Path) -> None:
     before this rename existed) is replaced.
     """
     try:
-        if (out / "config.json").is_file():
-            logger.info("%s was converted meanwhile by another process; keeping it", out)
-            return
-        if out.exists():
-            shutil.rmtree(out)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not the race named above: a real failure
-                raise
-            logger.info("%s was converted meanwhile by another process; keeping it", out)
+        if not (out / "config.json").is_file():
+            if out.exists():
+                shutil.rmtree(out)
+            try:
+                tmp.rename(out)
+                return
+            except OSError:
+                if not (out / "config.json").is_file():  # not the race named above: a real failure
+                    raise
+        logger.info("%s was converted meanwhile by another process; keeping it", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
